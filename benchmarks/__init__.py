@@ -1,0 +1,1 @@
+"""Benchmarks, one file each, run by `fvl bench NAME --json`."""

@@ -1,0 +1,1 @@
+"""One module per `fvl` subcommand; each exposes `register(subparsers)`."""
