@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fvl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except KeyboardInterrupt:
         print(f"fvl {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130

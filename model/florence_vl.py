@@ -1,0 +1,169 @@
+"""FlorenceVLForConditionalGeneration: Florence-2 depth + breadth features -> DBFusion -> projector -> LLM.
+
+LLaVA-style: the processor expands `<image>` into N image-token ids; `forward` replaces those positions
+of the LLM's input embeddings with the N projected image tokens (`masked_scatter`) and runs any
+transformers causal LM (Llama, Phi-3, ...). Labels are -100 outside answers, so the loss covers only
+answer tokens. `generate` computes the image features once per request and hands `inputs_embeds` to the
+LLM's own `generate`, which keeps a KV cache.
+
+Named hook points (see `workbench.taps`): `stream_hooks[<stream>]` (taps `depth`, `prompt.<name>`),
+`fusion.hook_input` (`fusion.input`), `mm_projector` (`fusion.output`), the LLM decoder layers (`llm.layer{i}`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from model.config import FlorenceVLConfig
+from model.fusion import DBFusion, Projector
+from model.hooks import HookPoint
+from model.vision import Florence2DepthBreadth
+
+
+def build_vision_encoder(config: FlorenceVLConfig) -> nn.Module:
+    if config.encoder_type == "florence2":
+        return Florence2DepthBreadth(config.vision_config, list(config.prompts), config.prompt_token_ids,
+                                     attend_prompt_pads=config.attend_prompt_pads,
+                                     drop_global_token=config.drop_global_token)
+    from model.encoders import build_encoder
+
+    return build_encoder(config.encoder_type, dict(config.encoder_config or {}))
+
+
+class FlorenceVLPreTrainedModel(PreTrainedModel):
+    config_class = FlorenceVLConfig
+    config: FlorenceVLConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _no_split_modules = ["LlamaDecoderLayer", "Phi3DecoderLayer", "BartEncoderLayer", "Florence2VisionBlock"]
+
+    def _init_weights(self, module):
+        # Sub-models (DaViT, BART encoder, the LLM) initialise themselves; only our projector is ours.
+        if isinstance(module, nn.Linear) and getattr(module, "_florence_vl_projector", False):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
+    def __init__(self, config: FlorenceVLConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_encoder(config)
+        self.stream_names = list(config.stream_names)
+        self.stream_hooks = nn.ModuleDict({name: HookPoint() for name in self.stream_names})
+        self.fusion = DBFusion(config.fusion, self.stream_names)
+        self.mm_projector = Projector(config.projector_type, config.fusion_width, config.text_config.hidden_size)
+        for m in self.mm_projector.modules():
+            if isinstance(m, nn.Linear):
+                m._florence_vl_projector = True
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a directory in this project's layout, or an official one (Florence-2 remote-code or native,
+        Florence-VL LLaVA layout), which `model.convert` converts on the fly; hub ids need network access."""
+        from model.convert import is_official_checkpoint, load_official_model
+
+        if is_official_checkpoint(pretrained_model_name_or_path):
+            return load_official_model(pretrained_model_name_or_path, *args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # ---- embeddings plumbing (lets transformers resize / tie the LLM's embeddings) -------------
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    # ---- image side -------------------------------------------------------------------------------
+    def image_streams(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Depth and breadth streams {name: (B, N, D)}, each passed through its hook point."""
+        streams = self.vision_tower(pixel_values.to(self.vision_dtype))
+        return {name: self.stream_hooks[name](streams[name]) for name in self.stream_names}
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens in the LLM's space, (B, N_img, H)."""
+        fused = self.fusion(self.image_streams(pixel_values))
+        return self.mm_projector(fused.to(self.mm_projector.encoder_mlp[0].weight.dtype))
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        for p in self.vision_tower.parameters():
+            return p.dtype
+        return torch.float32
+
+    def set_trainable(self, vision: bool = False, projector: bool = True, llm: bool = True) -> None:
+        """Choose what trains: stage 1 of the paper may tune everything, stage 2 tunes projector + LLM."""
+        self.vision_tower.requires_grad_(vision)
+        self.mm_projector.requires_grad_(projector)
+        self.language_model.requires_grad_(llm)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
+        pass  # handled in gradient_checkpointing_enable below
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        self.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+        if hasattr(self.vision_tower, "set_vision_checkpointing"):
+            self.vision_tower.set_vision_checkpointing(True)
+
+    def gradient_checkpointing_disable(self):
+        self.language_model.gradient_checkpointing_disable()
+        if hasattr(self.vision_tower, "set_vision_checkpointing"):
+            self.vision_tower.set_vision_checkpointing(False)
+
+    # ---- text side ------------------------------------------------------------------------------
+    def merge_image_features(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:
+        """LLM input embeddings with `<image>` positions replaced by projected image tokens."""
+        embeds = self.get_input_embeddings()(input_ids)
+        mask = input_ids == self.config.image_token_id
+        n_slots = int(mask.sum())
+        if image_features is None:
+            if n_slots:
+                raise ValueError(f"input_ids contain {n_slots} <image> tokens but no pixel_values were given")
+            return embeds
+        if n_slots * embeds.shape[-1] != image_features.numel():
+            raise ValueError(
+                f"image placeholders ({n_slots} tokens) do not match the image features "
+                f"({image_features.shape[0]} images x {image_features.shape[1]} tokens); build inputs with the "
+                "model's processor, whose num_image_tokens must equal config.num_image_tokens()")
+        return embeds.masked_scatter(mask.unsqueeze(-1), image_features.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.LongTensor | None = None, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                image_features: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        if inputs_embeds is None:
+            if image_features is None and pixel_values is not None:
+                image_features = self.get_image_features(pixel_values)
+            inputs_embeds = self.merge_image_features(input_ids, image_features)
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
+                                   **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                 **generate_kwargs) -> torch.LongTensor:
+        """Generate answer tokens (only the new ones). Image features are computed once per call."""
+        if image_features is None and pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        inputs_embeds = self.merge_image_features(input_ids, image_features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("pad_token_id", self.config.text_config.pad_token_id)
+        return self.language_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                            **generate_kwargs)
+
+
+AutoConfig.register("florence_vl", FlorenceVLConfig, exist_ok=True)
+AutoModelForImageTextToText.register(FlorenceVLConfig, FlorenceVLForConditionalGeneration, exist_ok=True)

@@ -1,0 +1,321 @@
+"""Image + text processing that works offline.
+
+* Images: bicubic resize to the model's square size (optionally padded to a square with the mean colour
+  first, as Florence-VL's SFT stage does), scaled to [0, 1], normalised with ImageNet mean/std.
+* Florence-2 side tokenizer: BART-style byte-level BPE with `<loc_0>`..`<loc_999>` and task tokens.
+* LLM side tokenizer: a byte-level BPE built in process for the small presets, or loaded from a local
+  directory for real ones (Phi-3.5, Llama-3.1, SmolLM2).
+* Conversation templates `plain`, `phi3`, `llama3` with label masks (loss only on answer tokens).
+
+The `<image>` placeholder is expanded by the processor into N image-token ids (N = image tokens the
+fusion produces), so the model replaces them one-to-one with projected features (`masked_scatter`).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<image>"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LOC_TOKENS = [f"<loc_{i}>" for i in range(1000)]
+FLORENCE2_TASK_TOKENS = ["<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>", "<OCR_WITH_REGION>",
+                         "<OD>", "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>", "<od>", "</od>", "<ocr>", "</ocr>"]
+TEMPLATE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|begin_of_text|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLM_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN]  # ids 0..4 in the in-process tokenizer
+BART_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as Florence-2 (bos 0, pad 1, eos 2)
+
+SYSTEM_PHI3 = "You are a helpful AI assistant."
+SYSTEM_LLAMA3 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+
+# A small built-in corpus so in-process tokenizers are identical on every machine: common English,
+# the synthetic-scene vocabulary, numbers, the Florence-2 prompts and the templates.
+_CORPUS_WORDS = """
+the a an of in on at to and or is are was were be been there here this that these those what which who how many
+much where when why image picture photo shows shown describe detail detailed text written word words read reading
+object objects shape shapes color colour colors left right top bottom middle center centre above below near next
+upper lower corner side one two three four five six seven eight nine ten zero yes no not any some all each every
+red green blue yellow orange purple pink brown black white gray grey cyan magenta teal navy olive lime
+circle circles square squares triangle triangles star stars diamond diamonds rectangle rectangles cross crosses
+hexagon hexagons ellipse ellipses heart hearts small large big tiny medium
+cat dog sun moon tree house car bird fish book door hat cup pen box key ship star rain snow wind fire
+water stone apple bread milk tea coffee cake rice bean corn lamp desk chair table bed sofa road hill
+river lake sea sky cloud leaf rose king queen city town park shop bank art map game song film time day
+night week year home work play stop open close push pull go come run walk jump fly swim sing dance
+locate describe with their descriptions what does the image describe paragraph category name region proposals
+assistant user system helpful answer question answers questions curious intelligence artificial chat polite
+""".split()
+
+
+def default_corpus() -> list[str]:
+    from model.config import DEFAULT_PROMPTS, FLORENCE2_TASK_PROMPTS
+
+    rng = np.random.default_rng(0)
+    words = _CORPUS_WORDS
+    lines = list(DEFAULT_PROMPTS.values()) + list(FLORENCE2_TASK_PROMPTS.values()) + [SYSTEM_PHI3, SYSTEM_LLAMA3]
+    for _ in range(4000):
+        n = int(rng.integers(3, 12))
+        sent = " ".join(words[int(i)] for i in rng.integers(0, len(words), n))
+        lines.append(sent.capitalize() + rng.choice([".", "?", "", "."]))
+    lines += [" ".join(str(i) for i in range(100))] * 5
+    lines += [w.upper() for w in words] + [w.capitalize() for w in words]
+    return lines
+
+
+def _train_bpe(corpus: Iterable[str], vocab_size: int, specials: Sequence[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(corpus), trainer)
+    return bpe
+
+
+@functools.lru_cache(maxsize=4)
+def _default_llm_tokenizer(vocab_size: int):
+    return build_llm_tokenizer(None, vocab_size, _cache=False)
+
+
+@functools.lru_cache(maxsize=4)
+def _default_florence2_tokenizer(vocab_size: int):
+    return build_florence2_tokenizer(None, vocab_size, _cache=False)
+
+
+def build_llm_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1000, _cache: bool = True):
+    """In-process byte-level BPE for the small presets: <pad>=0, <s>=1, </s>=2, <unk>=3, <image>=4."""
+    from transformers import PreTrainedTokenizerFast
+
+    if corpus is None and _cache:
+        return copy.deepcopy(_default_llm_tokenizer(vocab_size))
+    bpe = _train_bpe(corpus or default_corpus(), vocab_size, LLM_SPECIALS + TEMPLATE_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN})
+    return tok
+
+
+def build_florence2_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 1000, _cache: bool = True):
+    """In-process BART-style tokenizer: <s>=0 <pad>=1 </s>=2, then BPE, <loc_0..999>, task tokens, <image>."""
+    from transformers import BartTokenizer
+
+    if corpus is None and _cache:
+        return copy.deepcopy(_default_florence2_tokenizer(vocab_size))
+    bpe = _train_bpe(corpus or default_corpus(), vocab_size, BART_SPECIALS)
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in
+              json.loads(bpe.to_str())["model"]["merges"]]
+    tok = BartTokenizer(vocab=bpe.get_vocab(), merges=merges, extra_special_tokens={"image_token": IMAGE_TOKEN})
+    tok.add_tokens(LOC_TOKENS + FLORENCE2_TASK_TOKENS)
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+def expand_to_square(img: Image.Image) -> Image.Image:
+    """Pad to a square with the ImageNet mean colour, image centred (LLaVA's expand2square)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    fill = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+    out = Image.new("RGB", (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess_images(images: Sequence, size: int, pad_to_square: bool = False) -> torch.Tensor:
+    """PIL images / paths -> normalised float tensor (B, 3, size, size)."""
+    from workbench.data.images import load_image
+
+    arrays = []
+    for src in images:
+        img = load_image(src)
+        if pad_to_square:
+            img = expand_to_square(img)
+        img = img.resize((size, size), Image.BICUBIC)
+        arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversation templates
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    text: str
+    train: bool  # True: the loss covers these tokens (answers)
+
+
+def template_segments(template: str, turns: Sequence[tuple[str, str | None]], eos: str) -> list[Segment]:
+    """Split a conversation into segments; only assistant answers are trained.
+
+    `turns` is [(question, answer), ...]; the last answer may be None (a generation prompt ending with
+    the assistant header). The `<image>` placeholder goes at the start of the first user turn.
+    """
+    segs: list[Segment] = []
+    if template == "plain":
+        # LLaVA pretraining: the human turn is dropped; <image> then the caption, "\n" as separator.
+        answer = turns[0][1]
+        segs.append(Segment(IMAGE_TOKEN, False))
+        if answer is not None:
+            segs.append(Segment(answer + "\n" + eos, True))
+        return segs
+    for i, (q, a) in enumerate(turns):
+        q = q.replace(IMAGE_TOKEN, "").strip()
+        if i == 0:
+            q = IMAGE_TOKEN + "\n" + q
+        if template == "phi3":
+            head = (f"<|system|>\n{SYSTEM_PHI3}<|end|>\n" if i == 0 else "") + f"<|user|>\n{q}<|end|>\n<|assistant|>\n"
+            tail = "<|end|>\n"
+        elif template == "llama3":
+            head = ((f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM_LLAMA3}<|eot_id|>"
+                     if i == 0 else "")
+                    + f"<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>"
+                    + "<|start_header_id|>assistant<|end_header_id|>\n\n")
+            tail = "<|eot_id|>"
+        else:
+            raise ValueError(f"unknown template {template!r}; choose plain, phi3 or llama3")
+        segs.append(Segment(head, False))
+        if a is not None:
+            segs.append(Segment(a + tail, True))
+    return segs
+
+
+def stop_strings(template: str) -> list[str]:
+    return {"plain": ["\n"], "phi3": ["<|end|>"], "llama3": ["<|eot_id|>"]}[template]
+
+
+class FlorenceVLProcessor:
+    """Turns (images, conversations) into model inputs; saves and loads with the model."""
+
+    def __init__(self, llm_tokenizer, florence2_tokenizer, image_size: int, num_image_tokens: int,
+                 template: str = "plain", pad_to_square: bool = False, max_length: int = 2048):
+        self.llm_tokenizer = llm_tokenizer
+        self.florence2_tokenizer = florence2_tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+        self.template = template
+        self.pad_to_square = pad_to_square
+        self.max_length = max_length
+        self.image_token_id = llm_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == llm_tokenizer.unk_token_id:
+            raise ValueError("the LLM tokenizer has no <image> token; add it with tokenizer.add_tokens(['<image>'])")
+
+    # -- images ---------------------------------------------------------------------------------
+    def images(self, images: Sequence) -> torch.Tensor:
+        return preprocess_images(images, self.image_size, self.pad_to_square)
+
+    # -- Florence-2 prompts ----------------------------------------------------------------------
+    def prompt_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise the Florence-2 task prompts, right-padded (left padding would move BART's positions)."""
+        tok = self.florence2_tokenizer
+        enc = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        length = max(len(e) for e in enc)
+        ids = torch.full((len(enc), length), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(enc), length), dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        return ids, mask
+
+    # -- LLM text ------------------------------------------------------------------------------
+    def _encode_segments(self, segs: list[Segment]) -> tuple[list[int], list[int]]:
+        tok = self.llm_tokenizer
+        ids: list[int] = []
+        labels: list[int] = []
+        if self.template != "llama3" and tok.bos_token_id is not None:
+            ids.append(tok.bos_token_id)
+            labels.append(IGNORE_INDEX)
+        for seg in segs:
+            parts = seg.text.split(IMAGE_TOKEN)
+            for j, part in enumerate(parts):
+                if j > 0:
+                    ids += [self.image_token_id] * self.num_image_tokens
+                    labels += [IGNORE_INDEX] * self.num_image_tokens
+                if part:
+                    piece = tok(part, add_special_tokens=False)["input_ids"]
+                    ids += piece
+                    labels += piece if seg.train else [IGNORE_INDEX] * len(piece)
+        return ids[: self.max_length], labels[: self.max_length]
+
+    def encode_conversation(self, turns: Sequence[tuple[str, str | None]], template: str | None = None):
+        """-> (input_ids, labels) lists for one sample; labels are -100 outside the answers."""
+        eos = self.llm_tokenizer.eos_token or ""
+        segs = template_segments(template or self.template, turns, eos)
+        return self._encode_segments(segs)
+
+    def collate(self, samples: Sequence[tuple[list[int], list[int]]], padding_side: str = "right"):
+        """Pad a batch of (input_ids, labels) to the longest; returns input_ids, attention_mask, labels."""
+        pad = self.llm_tokenizer.pad_token_id or 0
+        length = max(len(s[0]) for s in samples)
+        ids = torch.full((len(samples), length), pad, dtype=torch.long)
+        mask = torch.zeros((len(samples), length), dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        for i, (s_ids, s_labels) in enumerate(samples):
+            n = len(s_ids)
+            sl = slice(length - n, length) if padding_side == "left" else slice(0, n)
+            ids[i, sl] = torch.tensor(s_ids)
+            mask[i, sl] = 1
+            labels[i, sl] = torch.tensor(s_labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def __call__(self, images: Sequence | None = None, questions: Sequence[str] | None = None,
+                 answers: Sequence[str | None] | None = None, template: str | None = None,
+                 padding_side: str | None = None) -> dict:
+        """Batch of single-turn samples. Without answers the text ends with the assistant header
+        (a generation prompt) and is left-padded; with answers, right-padded with labels."""
+        n = len(images) if images is not None else len(questions)
+        questions = list(questions) if questions is not None else [""] * n
+        answers = list(answers) if answers is not None else [None] * n
+        samples = [self.encode_conversation([(q, a)], template) for q, a in zip(questions, answers)]
+        side = padding_side or ("left" if all(a is None for a in answers) else "right")
+        batch = self.collate(samples, padding_side=side)
+        if images is not None:
+            batch["pixel_values"] = self.images(images)
+        return batch
+
+    def decode(self, ids, template: str | None = None) -> str:
+        text = self.llm_tokenizer.decode(ids, skip_special_tokens=False)
+        for s in stop_strings(template or self.template) + [self.llm_tokenizer.eos_token or "\0", "<pad>"]:
+            if s and s in text:
+                text = text.split(s)[0]
+        return text.strip()
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        self.llm_tokenizer.save_pretrained(path / "llm_tokenizer")
+        self.florence2_tokenizer.save_pretrained(path / "florence2_tokenizer")
+        meta = dict(image_size=self.image_size, num_image_tokens=self.num_image_tokens, template=self.template,
+                    pad_to_square=self.pad_to_square, max_length=self.max_length)
+        (path / "processor_config.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "FlorenceVLProcessor":
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        meta_file = path / "processor_config.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} holds no processor_config.json; save the processor with "
+                                    "processor.save_pretrained(DIR) or pass a model directory written by fvl")
+        meta = json.loads(meta_file.read_text())
+        llm = AutoTokenizer.from_pretrained(path / "llm_tokenizer")
+        f2 = AutoTokenizer.from_pretrained(path / "florence2_tokenizer")
+        return cls(llm, f2, **meta)
