@@ -66,6 +66,7 @@ class FlorenceVLConfig(PreTrainedConfig):
     encoder_config: dict | None = None
     prompts: dict | None = None
     prompt_token_ids: dict | None = None
+    prompt_order: list | None = None  # JSON configs are saved with sorted keys: this keeps the stream order
     fusion: str = "channel"
     projector_type: str = "mlp3x_gelu"
     drop_global_token: bool = False
@@ -82,6 +83,11 @@ class FlorenceVLConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.prompts is None:
             self.prompts = dict(DEFAULT_PROMPTS)
+        if self.prompt_order is None:
+            self.prompt_order = list(self.prompts)
+        if set(self.prompt_order) != set(self.prompts):
+            raise ValueError(f"prompt_order {self.prompt_order} does not name the prompts {list(self.prompts)}")
+        self.prompts = {name: self.prompts[name] for name in self.prompt_order}
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion={self.fusion!r} is not one of {FUSIONS}")
         if self.projector_type not in PROJECTORS:

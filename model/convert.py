@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from model.config import OFFICIAL_PROMPT_IDS
+
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
@@ -40,11 +42,7 @@ VOCAB_MULTIPLE = 64
 FLORENCE2_TEXT_VOCAB = 51289  # BART 50265 + 1000 <loc_i> + task tokens, before <image>
 # The (3, 14) task_ids tensor of FlorenceVisionTower.forward, unpadded (florence-vl.md section 2); stream order
 # caption, ocr, grounding is the order DBFusion concatenates them after the depth feature.
-OFFICIAL_PROMPT_TOKEN_IDS: dict[str, list[int]] = {
-    "caption": [0, 47066, 21700, 11, 4617, 99, 16, 2343, 11, 5, 2274, 4, 2],
-    "ocr": [0, 2264, 16, 5, 2788, 11, 5, 2274, 116, 2],
-    "grounding": [0, 574, 22486, 5, 8720, 11, 5, 2274, 6, 19, 49, 24173, 4, 2],
-}
+OFFICIAL_PROMPT_TOKEN_IDS: dict[str, list[int]] = OFFICIAL_PROMPT_IDS
 LLAVA_LLM_TYPES = {"llava_phi": "phi3", "llava_phi3": "phi3", "llava_llama": "llama", "llava": "llama",
                    "llava_mistral": "mistral", "llava_qwen": "qwen2", "llava_qwen2": "qwen2"}
 LLAVA_ARCHITECTURES = {"LlavaPhiForCausalLM": "phi3", "LlavaPhi3ForCausalLM": "phi3", "LlavaLlamaForCausalLM": "llama",
@@ -580,8 +578,15 @@ def _load_tokenizer(directory: Path | None, trust_remote_code: bool):
     if directory is None or not any((directory / f).is_file() for f in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
+    # AutoTokenizer reads config.json (llava_*/florence2 model types it does not know) and warns about it
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _image_size(*dirs: Path | None) -> int | None:

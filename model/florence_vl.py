@@ -73,7 +73,14 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
 
         if is_official_checkpoint(pretrained_model_name_or_path):
             return load_official_model(pretrained_model_name_or_path, *args, **kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.restore_buffers()
+        return model
+
+    def restore_buffers(self) -> None:
+        """Rebuild non-persistent buffers (the tokenised prompts), which loading leaves uninitialised."""
+        if hasattr(self.vision_tower, "set_prompts") and self.config.prompt_token_ids:
+            self.vision_tower.set_prompts(self.config.prompt_token_ids)
 
     # ---- embeddings plumbing (lets transformers resize / tie the LLM's embeddings) -------------
     def get_input_embeddings(self):

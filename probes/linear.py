@@ -301,83 +301,96 @@ def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None) -> _Desi
 def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_classes: Sequence[int],
                   train: torch.Tensor, Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool = True
                   ) -> tuple[torch.Tensor, dict]:
-    """Batched multinomial logistic regression.
-
-    targets (T, n) int class codes, valid (T, n) bool, train (S, n) bool, Cs (L,).
-    Returns predicted class codes (S, n, T, L) and solver info.
-    """
+    """Batched multinomial logistic regression for targets (T, n) (int class codes, -1 missing),
+    valid (T, n), train masks (S, n) and Cs (L,). Targets are solved in buckets of equal class
+    count (no padded classes); binary targets use one logit. Returns predicted class codes
+    (S, n, T, L) and solver info."""
     S, n = train.shape
-    T = targets.shape[0]
-    L = Cs.shape[0]
-    K = max(max(n_classes), 2)
+    T, L = targets.shape[0], Cs.shape[0]
+    pred = torch.zeros(S, n, T, L, dtype=torch.int64)
+    infos = {}
+    for k in sorted(set(n_classes)):
+        idx = [t for t, kk in enumerate(n_classes) if kk == k]
+        p_k, info = _fit_logistic_bucket(design, targets[idx], valid[idx], max(k, 2), train, Cs,
+                                         max_iter=max_iter, tol=tol, warm=warm)
+        pred[:, :, idx] = p_k
+        infos[f"K={k}"] = info
+    return pred, infos
+
+
+def _fit_logistic_bucket(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_cls: int,
+                         train: torch.Tensor, Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool
+                         ) -> tuple[torch.Tensor, dict]:
+    """All targets here have ``n_cls`` classes; parameters (S, p + 1, T, Lb, K) with K = n_cls,
+    or K = 1 for binary (logit of class 1 against class 0, as scikit-learn does)."""
+    S, n = train.shape
+    T, L = targets.shape[0], Cs.shape[0]
     p = design.dim
     dtype = Cs.dtype
-    free = torch.zeros(T, K, dtype=dtype)       # which logit columns are parameters
-    pad = torch.zeros(T, K, dtype=dtype)        # -inf-like bias on classes a target lacks
-    for t, k in enumerate(n_classes):
-        if k <= 2:
-            free[t, 1] = 1.0                    # binary: one logit, class 0 is the reference
-        else:
-            free[t, :k] = 1.0
-        pad[t, max(k, 2):] = -1e4
-    onehot = torch.nn.functional.one_hot(targets.clamp_min(0), K).to(dtype)  # (T, n, K)
-    onehot = onehot.permute(1, 0, 2).reshape(1, n, T, 1, K)
+    binary = n_cls == 2
+    K = 1 if binary else n_cls
+    yidx = targets.clamp_min(0).T.reshape(1, n, T, 1, 1)                      # class codes
+    y1 = (targets == 1).to(dtype).T.reshape(1, n, T, 1, 1)                    # binary: is class 1
     w = train.to(dtype).unsqueeze(1) * valid.to(dtype).unsqueeze(0)          # (S, T, n)
     count = w.sum(-1).clamp_min(1.0)                                          # (S, T)
-    w = (w / count.unsqueeze(-1)).permute(0, 2, 1).reshape(S, n, T, 1)
-    free5 = free.view(1, 1, T, 1, K)
-    pad5 = pad.view(1, 1, T, 1, K)
+    w = (w / count.unsqueeze(-1)).permute(0, 2, 1).reshape(S, n, T, 1, 1)
 
     def problem(C: torch.Tensor):
-        """Objective over a block of C values (Lb,): parameters (S, p + 1, T, Lb, K)."""
+        """Objective over a block of C values (Lb,)."""
         Lb = C.shape[0]
         Q = T * Lb * K
         pen = 1.0 / (2.0 * C.view(1, 1, 1, Lb, 1) * count.view(S, 1, T, 1, 1))   # (S,1,T,Lb,1)
+        wl = w.expand(S, n, T, Lb, 1)
+        yl = yidx.expand(S, n, T, Lb, 1)
 
         def forward(theta: torch.Tensor) -> torch.Tensor:
-            th = theta * free5
-            W = th[:, :p].reshape(S, p, Q)
-            b = th[:, p].reshape(S, Q)
-            return design.apply(W, b).view(S, n, T, Lb, K) + pad5
+            return design.apply(theta[:, :p].reshape(S, p, Q), theta[:, p].reshape(S, Q)).view(S, n, T, Lb, K)
 
         def fun(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # analytic gradient: d(mean CE)/d logits = w * (softmax - onehot)
-            logits = forward(theta)
-            mx = logits.amax(-1, keepdim=True)
-            e = (logits - mx).exp_()
-            se = e.sum(-1, keepdim=True)
-            nll = (mx + se.log()).squeeze(-1) - (logits * onehot).sum(-1)      # (S, n, T, Lb)
+            z = forward(theta)
+            if binary:
+                nll = torch.nn.functional.softplus(z) - z * y1
+                G = torch.sigmoid(z).sub_(y1).mul_(w)
+            else:
+                mx = z.amax(-1, keepdim=True)
+                e = (z - mx).exp_()
+                se = e.sum(-1, keepdim=True)
+                nll = mx + se.log() - z.gather(-1, yl)
+                G = e.mul_(w / se)
+                G.scatter_add_(-1, yl, -wl)
             data = (nll * w).sum(1).view(S, 1, T, Lb, 1)
-            Wf = theta[:, :p] * free5
-            f = data + Wf.pow(2).sum(dim=(1, 4), keepdim=True) * pen
-            G = e.div_(se).sub_(onehot).mul_(w.unsqueeze(-1))                   # (S, n, T, Lb, K)
+            Wt = theta[:, :p]
+            f = data + Wt.pow(2).sum(dim=(1, 4), keepdim=True) * pen
             gW, gb = design.apply_T(G.view(S, n, Q))
             g = torch.empty_like(theta)
-            g[:, :p] = gW.view(S, p, T, Lb, K) + 2.0 * pen * Wf
+            g[:, :p] = gW.view(S, p, T, Lb, K) + 2.0 * pen * Wt
             g[:, p] = gb.view(S, T, Lb, K)
-            return f, g * free5
+            return f, g
 
-        return forward, fun
+        def predict(theta: torch.Tensor) -> torch.Tensor:
+            z = forward(theta)
+            return (z[..., 0] > 0).long() if binary else z.argmax(-1)
+
+        return predict, fun
 
     preds = []
-    infos = []
     if warm:
         # regularisation path: C ascending, each solve starts from the previous solution
         theta = torch.zeros(S, p + 1, T, 1, K, dtype=dtype)
+        infos = []
         for l in range(L):
-            forward, fun = problem(Cs[l:l + 1])
+            predict, fun = problem(Cs[l:l + 1])
             theta, info = batched_lbfgs(fun, theta, (1, 4), max_iter=max_iter, tol=tol)
             infos.append(info)
-            preds.append(forward(theta).argmax(-1))
-        info = {"n_iter": [i["n_iter"] for i in infos], "converged": float(np.mean([i["converged"] for i in infos])),
-                "path": "warm"}
+            preds.append(predict(theta))
+        info = {"n_iter": [i["n_iter"] for i in infos], "converged": [i["converged"] for i in infos]}
     else:
-        forward, fun = problem(Cs)
+        predict, fun = problem(Cs)
         theta, info = batched_lbfgs(fun, torch.zeros(S, p + 1, T, L, K, dtype=dtype), (1, 4),
                                     max_iter=max_iter, tol=tol)
-        preds.append(forward(theta).argmax(-1))
-        info = dict(info, path="joint")
-    return torch.cat(preds, dim=-1), info                                      # (S, n, T, L)
+        preds.append(predict(theta))
+    return torch.cat(preds, dim=-1), info
 
 
 def _fit_ridge(design: _Design, targets: torch.Tensor, valid: torch.Tensor, train: torch.Tensor,

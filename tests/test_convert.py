@@ -206,6 +206,9 @@ def write_llava_llama(tmp: Path, m, with_tower: bool = True, tokenizers: bool = 
     (d / "vision_tower").mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(llava_config(m, "llama", embed_florence2=False)))
     (d / "vision_tower" / "config.json").write_text(json.dumps(remote_florence2_config(conv.FLORENCE2_TEXT_VOCAB)))
+    (d / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 128, "width": 128}, "do_center_crop": False,
+         "size": {"height": 128, "width": 128}, "resample": 3, "image_seq_length": 17}))
     main, tower = llava_state_dict(m, with_tower=with_tower)
     torch.save(main, d / "pytorch_model.bin")
     if not with_tower:
@@ -245,10 +248,12 @@ def assert_same_outputs(direct, converted, tokens: int = 577):
         for name in s_direct:
             want = s_direct[name][:, 1:] if tokens == 576 else s_direct[name]
             assert torch.equal(s_conv[name], want), name
-        if tokens == 577:
-            assert torch.equal(converted.get_image_features(px), direct.get_image_features(px))
-            logits_direct = direct(input_ids=ids_direct, pixel_values=px).logits
-            logits_conv = converted(input_ids=ids_conv, pixel_values=px).logits
+        if tokens == 577:  # one image pass per model: features from the streams above
+            f_direct = direct.mm_projector(direct.fusion(s_direct))
+            f_conv = converted.mm_projector(converted.fusion(s_conv))
+            assert torch.equal(f_conv, f_direct)
+            logits_direct = direct(input_ids=ids_direct, image_features=f_direct).logits
+            logits_conv = converted(input_ids=ids_conv, image_features=f_conv).logits
             assert logits_conv.shape[-1] >= LLM_VOCAB
             assert torch.equal(logits_conv[..., :LLM_VOCAB], logits_direct)
 

@@ -104,13 +104,13 @@ def test_modes_convert_to_rgb_properly(tmp_path):
     buf = io.BytesIO()
     p.save(buf, "PNG", transparency=1)
     assert load_image(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
-    # CMYK (JPEG on disk): pure cyan
+    # CMYK (TIFF on disk): pure cyan
     cmyk = tmp_path / "cmyk.tif"
     Image.new("CMYK", (10, 10), (255, 0, 0, 0)).save(cmyk)
     assert load_image(cmyk).getpixel((0, 0)) == (0, 255, 255)
     # I;16: full 16-bit range scaled to 8 bits, from memory and from a 16-bit PNG file
     arr = np.array([[0, 32896, 65535] * 4] * 12, dtype=np.uint16)
-    i16 = Image.fromarray(arr, "I;16")
+    i16 = Image.fromarray(arr)  # uint16 -> mode I;16
     assert [load_image(i16).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
     f16 = tmp_path / "deep.png"
     i16.save(f16)

@@ -525,3 +525,24 @@ def test_merge_index_prefers_latest_shard_and_last_failure():
     merged = merge_index(rows)
     assert merged[0]["error"] == "second"
     assert merged[1]["shard"] == "rank0-000004.safetensors"
+
+
+def test_load_scattered_rows_matches_full_load(tmp_path):
+    write(tmp_path / "s", range(20), shard_size=20)
+    s = FeatureStore(tmp_path / "s")
+    full = s.load("fusion.input[caption]")
+    for picks in ([0, 9, 10, 19, 5], [3, 4, 6], [6, 4, 3], [12]):  # sparse runs, dense span, reversed, single
+        got = s.load("fusion.input[caption]", [f"item{i:03d}" for i in picks])
+        np.testing.assert_array_equal(got, full[picks])
+
+
+def test_benchmark_runs_at_tiny_size():
+    import argparse
+
+    from benchmarks import store as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    result = bench.run(parser.parse_args(["--small", "3", "--large", "9", "--taps", "2", "--tokens", "5", "--dim", "4", "--shard-size", "2"]))
+    assert result["items"] == 9 and result["rss_3_mb"] > 0 and result["rss_9_mb"] > 0
+    assert result["rss_ratio"] > 0 and result["write_items_s"] > 0 and result["read_mb_s"] >= 0

@@ -695,9 +695,9 @@ class StoreWriter:
         """Copy one tap of one item into its buffer row, converting to the storage dtype.
 
         When torch is loaded (as in a capture loop) the cast runs in torch, which converts
-        float32 -> float16 with SIMD; numpy's cast is an order of magnitude slower. Range is
-        checked on the source with one min/max pass, so float16 overflow is an error instead
-        of silent inf.
+        float32 -> float16 with SIMD; numpy's cast is several times slower. Float16 overflow
+        is an error instead of silent inf (checked on the stored row, without a
+        multi-threaded torch reduction).
         """
         torch = sys.modules.get("torch")
         t = None
@@ -718,19 +718,21 @@ class StoreWriter:
             raise ValueError(f"item {item_id!r}: tap {tap!r} has non-numeric dtype {src_dtype}")
         if dst.dtype.kind in "iub" and kind == "f":
             raise ValueError(f"item {item_id!r}: tap {tap!r} is stored as {dst.dtype} but got {src_dtype} values")
-        if dst.dtype == np.float16 and kind != "b" and src_dtype != "float16" and dst.size:
-            lo, hi = (float(x) for x in (t.aminmax() if t is not None else (a.min(), a.max())))
-            if not (-65520.0 < lo and hi < 65520.0):  # also true for NaN; 65520 rounds to inf
-                self._range_problem(item_id, tap, t.double().cpu().numpy() if t is not None else a)
-        if t is not None:
-            if t.device.type != "cpu" and t.is_floating_point():
+        if t is not None and t.device.type != "cpu":
+            if t.is_floating_point():
                 t = t.to(getattr(torch, dst.dtype.name))  # cast on the device: less to copy to the host
+            torch.from_numpy(dst).copy_(t)  # one device-to-host transfer
+        elif t is not None:
             _torch_copy(torch, dst, t)
         elif torch is not None and a.flags.writeable and a.dtype.name in _TORCH_DTYPES and a.dtype.isnative:
             _torch_copy(torch, dst, torch.from_numpy(a))
         else:
-            with np.errstate(over="ignore", invalid="ignore"):  # range was checked above
+            with np.errstate(over="ignore", invalid="ignore"):  # range is checked just below
                 np.copyto(dst, a, casting="unsafe")
+        # float16 inf/NaN have all exponent bits set; one integer pass over the stored row
+        # finds them (cheaper than isfinite on float16, and never multi-threaded).
+        if dst.dtype == np.float16 and src_dtype != "float16" and ((dst.view(np.uint16) & 0x7C00) == 0x7C00).any():
+            self._range_problem(item_id, tap, t.detach().double().cpu().numpy() if t is not None else a)
 
     def _range_problem(self, item_id: str, tap: str, source: np.ndarray) -> None:
         """Overflowing finite values are an error; NaN/inf already in the source are kept (with a warning)."""
@@ -1013,9 +1015,13 @@ class FeatureStore:
             if rows[-1] >= n_rows:
                 raise StoreFormatError(f"{path} has {n_rows} rows but the index refers to row {rows[-1]}")
             lo, hi = rows[0], rows[-1] + 1
+            positions = [p for _, p in rows_pos]
+            if hi - lo == len(rows) and positions[-1] - positions[0] + 1 == len(rows) and positions == sorted(positions):
+                out[positions[0] : positions[-1] + 1] = sl[(slice(lo, hi), *tail)]  # the common case: plain slices
+                return
             if hi - lo <= 2 * len(rows):  # dense enough: one read of the span
                 block = sl[(slice(lo, hi), *tail)]
-                out[[p for _, p in rows_pos]] = block[[r - lo for r in rows]]
+                out[positions] = block[[r - lo for r in rows]]
                 return
             i = 0
             while i < len(rows_pos):  # sparse: one read per contiguous run
@@ -1023,7 +1029,7 @@ class FeatureStore:
                 while j < len(rows_pos) and rows_pos[j][0] == rows_pos[j - 1][0] + 1:
                     j += 1
                 block = sl[(slice(rows_pos[i][0], rows_pos[j - 1][0] + 1), *tail)]
-                out[[p for _, p in rows_pos[i:j]]] = block
+                out[positions[i:j]] = block
                 i = j
 
 

@@ -166,6 +166,10 @@ def _open_llava(path: Path, image_folder: Path | None, check_images: bool) -> Im
     except LlavaFormatError as exc:
         raise DatasetError(str(exc)) from None
     root = Path(image_folder) if image_folder is not None else path.parent
+    # A LLaVA file written by `fvl data synth` sits next to scenes.jsonl: keep its labels and splits.
+    truth: dict[Path, tuple[dict[str, Any], str | None]] = {}
+    if (root / "scenes.jsonl").is_file():
+        truth = {root / r["image"]: (dict(r.get("labels", {})), r.get("split")) for r in load_scenes(root)}
     items: dict[Path, Item] = {}
     used: set[str] = set()
     for s in samples:
@@ -176,7 +180,8 @@ def _open_llava(path: Path, image_folder: Path | None, check_images: bool) -> Im
         while iid in used:  # the same id on two different images
             iid, k = f"{s.id}#{k}", k + 1
         used.add(iid)
-        items[s.image_path] = Item(iid, s.image_path, {}, None)
+        labels, split = truth.get(s.image_path, ({}, None))
+        items[s.image_path] = Item(iid, s.image_path, labels, split)
     if not items:
         raise DatasetError(f"LLaVA file {path} has no samples with an image")
     return ImageDataset(list(items.values()), root, "llava", path)

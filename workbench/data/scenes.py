@@ -29,18 +29,19 @@ from workbench.data.loc_tokens import region_string
 GENERATOR_VERSION = "scenes-1"
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star")
-# Hues far apart plus black, all dark or saturated enough to stand out on a light background.
+# Hues far apart plus black (every pair > 100 apart in RGB; orange was dropped for being
+# too close to red and yellow), all saturated enough to stand out on a light background.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
-    "orange": (245, 140, 20),
     "yellow": (230, 200, 0),
     "green": (40, 160, 60),
+    "cyan": (0, 180, 200),
     "blue": (35, 75, 215),
-    "purple": (135, 50, 175),
+    "purple": (150, 40, 170),
     "black": (25, 25, 25),
 }
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
-TEXT_COLORS: tuple[str, ...] = ("red", "green", "blue", "purple", "black")  # yellow/orange text is hard to read
+TEXT_COLORS: tuple[str, ...] = ("red", "green", "blue", "purple", "black")  # yellow/cyan text is hard to read
 SIZES: tuple[str, ...] = ("small", "large")
 # Half-extent of an object as a fraction of the image side, per size class (min, max).
 SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.055, 0.07), "large": (0.1, 0.125)}
@@ -452,6 +453,8 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
         raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n_objects}")
     if n_words is not None and not 0 <= n_words <= MAX_WORDS:
         raise ValueError(f"n_words must be in 0..{MAX_WORDS}, got {n_words}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
     size = int(image_size)
     margin = max(3, round(0.03 * size))

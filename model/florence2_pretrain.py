@@ -1,0 +1,220 @@
+"""Florence-2-style multi-task seq2seq pretraining of a small Florence-2 (DaViT + BART).
+
+Florence-2 learns every task as text generation: the encoder reads [image tokens ; task prompt],
+the decoder writes the target (a caption, the OCR string, or regions as `label<loc_x0><loc_y0>
+<loc_x1><loc_y1>` with 1000 location bins). Here the full native
+`transformers.Florence2ForConditionalGeneration` (decoder included) is trained on the synthetic
+scenes' Florence-2 tasks, then its vision tower, projector and BART encoder are copied into the
+Florence-VL extractor (`model.vision.florence2_state_dict_to_extractor`), the way Florence-VL
+starts from a pretrained Florence-2.
+
+One step runs DaViT ONCE per image and feeds the K task rows of that image to the encoder-decoder
+(image features repeated per task): the vision tower dominates the cost on CPU, so this is K times
+cheaper than K independent (image, task) samples, with the same loss.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import FLORENCE2_TASK_PROMPTS
+from model.processing import IGNORE_INDEX
+from model.train import (FINAL_DIR, LoopHooks, StageData, TrainConfig, finish_stage, load_weights_into, run_loop,
+                         token_loss_sum)
+
+# Caption, OCR and region tasks, as the synthetic data writes them.
+DEFAULT_TASKS: tuple[str, ...] = ("<CAPTION>", "<DETAILED_CAPTION>", "<OCR>", "<OD>", "<DENSE_REGION_CAPTION>")
+FLORENCE2_DIR = "florence2"
+
+
+def build_florence2(model, seed: int | None = 0):
+    """A random-init native Florence-2 (decoder included) with the sizes of `model`'s extractor."""
+    from transformers import Florence2ForConditionalGeneration
+
+    if model.config.encoder_type != "florence2":
+        raise ValueError(f"Florence-2 pretraining needs encoder_type='florence2', this model has "
+                         f"{model.config.encoder_type!r}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    return Florence2ForConditionalGeneration(model.config.vision_config)
+
+
+def transfer_to_florence_vl(florence2, model) -> None:
+    """Copy the pretrained vision tower, projector and BART encoder into the Florence-VL extractor."""
+    from model.vision import florence2_state_dict_to_extractor
+
+    state = florence2_state_dict_to_extractor(florence2.state_dict())
+    model.vision_tower.load_state_dict(state, strict=True)
+
+
+def task_prompt_ids(tokenizer, task: str) -> list[int]:
+    text = FLORENCE2_TASK_PROMPTS.get(task)
+    if text is None:
+        raise ValueError(f"unknown Florence-2 task {task!r}; known: {', '.join(FLORENCE2_TASK_PROMPTS)}")
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+@dataclass
+class Florence2Sample:
+    image: str
+    tasks: list[str]
+    targets: list[list[int]]  # target token ids per task (<s> ... </s>)
+
+
+def load_florence2_samples(data_dir: str | Path, tokenizer, split: str = "train",
+                           tasks: Sequence[str] = DEFAULT_TASKS, max_target_length: int = 256) -> list[Florence2Sample]:
+    """One sample per image holding all of its task targets."""
+    from workbench.data.dataset import load_florence2_tasks
+
+    rows = load_florence2_tasks(data_dir, split=split, tasks=list(tasks))
+    by_image: dict[str, Florence2Sample] = {}
+    for r in rows:
+        s = by_image.setdefault(r["image"], Florence2Sample(r["image"], [], []))
+        s.tasks.append(r["task"])
+        s.targets.append(tokenizer(r["target"], add_special_tokens=True)["input_ids"][:max_target_length])
+    if not by_image:
+        raise ValueError(f"{data_dir} has no Florence-2 task rows for split {split!r} and tasks {list(tasks)}; "
+                         "make the data with `fvl data synth --kind scenes`")
+    return list(by_image.values())
+
+
+class Florence2Task(nn.Module):
+    """Summed seq2seq token loss of a native Florence-2 over (image, task) rows; one DaViT pass per image."""
+
+    def __init__(self, florence2):
+        super().__init__()
+        self.florence2 = florence2
+
+    def encoder_inputs(self, pixel_values, row_image, prompt_ids, prompt_mask):
+        f2 = self.florence2
+        image = f2.model.get_image_features(pixel_values).pooler_output  # (B, N, D)
+        prompt = f2.get_input_embeddings()(prompt_ids).to(image.dtype)  # (R, L, D)
+        embeds = torch.cat([image[row_image], prompt], dim=1)
+        mask = torch.cat([torch.ones(prompt_mask.shape[0], image.shape[1], dtype=prompt_mask.dtype,
+                                     device=prompt_mask.device), prompt_mask], dim=1)
+        return embeds, mask
+
+    def forward(self, pixel_values, row_image, prompt_ids, prompt_mask, labels) -> torch.Tensor:
+        from transformers.models.florence2.modeling_florence2 import shift_tokens_right
+
+        embeds, mask = self.encoder_inputs(pixel_values, row_image, prompt_ids, prompt_mask)
+        tcfg = self.florence2.config.text_config
+        decoder_input_ids = shift_tokens_right(labels, tcfg.pad_token_id, tcfg.decoder_start_token_id)
+        logits = self.florence2(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
+                                use_cache=False).logits
+        return token_loss_sum(logits, labels, shift=False)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def florence2_stage_data(samples: Sequence[Florence2Sample], processor) -> StageData:
+    tok = processor.florence2_tokenizer
+    prompts = {t: task_prompt_ids(tok, t) for s in samples for t in s.tasks}
+    counts = [sum(len(t) for t in s.targets) for s in samples]
+
+    def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
+        chosen = [samples[i] for i in idx]
+        row_image, prompt_rows, target_rows = [], [], []
+        for b, s in enumerate(chosen):
+            for task, target in zip(s.tasks, s.targets):
+                row_image.append(b)
+                prompt_rows.append(prompts[task])
+                target_rows.append(target)
+        prompt_ids, prompt_mask = pad_rows(prompt_rows, tok.pad_token_id)
+        labels, _ = pad_rows(target_rows, IGNORE_INDEX)
+        return {"pixel_values": processor.images([s.image for s in chosen]),
+                "row_image": torch.tensor(row_image, dtype=torch.long), "prompt_ids": prompt_ids,
+                "prompt_mask": prompt_mask, "labels": labels}
+
+    return StageData(len(samples), make_batch, counts.__getitem__, f"{len(samples)} images")
+
+
+def enable_vision_checkpointing(florence2) -> None:
+    """Gradient checkpointing for the DaViT blocks and the BART encoder/decoder of a native Florence-2."""
+    for stage in florence2.model.vision_tower.blocks:
+        for block in stage:
+            if hasattr(block, "_plain_forward"):
+                continue
+            block._plain_forward = block.forward
+
+            def forward(hidden_states, _f=block._plain_forward):
+                if torch.is_grad_enabled() and hidden_states.requires_grad:
+                    return checkpoint(_f, hidden_states, use_reentrant=False)
+                return _f(hidden_states)
+
+            block.forward = forward
+    florence2.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save_florence2(florence2, processor, path: str | Path) -> Path:
+    """A native Florence-2 directory: config.json, model.safetensors and the Florence-2 tokenizer."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    florence2.save_pretrained(path, safe_serialization=True)
+    processor.florence2_tokenizer.save_pretrained(path)
+    (path / "florence2_image_size.json").write_text(json.dumps({"image_size": processor.image_size}))
+    return path
+
+
+def load_florence2(path: str | Path):
+    """(Florence2ForConditionalGeneration, tokenizer) from a directory written by `save_florence2`."""
+    from transformers import AutoTokenizer, Florence2ForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Florence-2 directory (no config.json); pass OUT/florence2 "
+                                "written by `fvl train florence2`")
+    model = Florence2ForConditionalGeneration.from_pretrained(path)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def train_florence2(model, processor, data_dir: str | Path, config: TrainConfig, *,
+                    tasks: Sequence[str] = DEFAULT_TASKS, florence2=None) -> tuple[Any, list[dict[str, Any]]]:
+    """Pretrain a native Florence-2 on the data's caption/OCR/region tasks, then copy it into `model`.
+
+    Writes OUT/checkpoint-*/ (native Florence-2, resumable) and OUT/model/ (the Florence-VL model whose
+    extractor now holds the pretrained weights, with the native Florence-2 in OUT/model/florence2/,
+    written in one atomic step so a finished stage always has both).
+    Returns (florence2, history)."""
+    cfg = config
+    florence2 = florence2 if florence2 is not None else build_florence2(model, seed=cfg.seed)
+    samples = load_florence2_samples(data_dir, processor.florence2_tokenizer, "train", tasks)
+    florence2.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        enable_vision_checkpointing(florence2)
+
+    def save(d: Path) -> None:
+        save_florence2(florence2, processor, d)
+
+    def load(d: Path) -> None:
+        load_weights_into(florence2, d / "model.safetensors")
+
+    torch.manual_seed(cfg.seed)
+    history = run_loop(Florence2Task(florence2), florence2_stage_data(samples, processor), cfg, LoopHooks(save, load),
+                       is_vision_param=lambda n: ".vision_tower." in n)
+    florence2.eval()
+    transfer_to_florence_vl(florence2, model)
+    if cfg.out_dir:
+        from model.builder import save_model
+
+        def save_both(d: Path) -> None:
+            save_model(model, processor, d)
+            save_florence2(florence2, processor, d / FLORENCE2_DIR)
+
+        finish_stage(cfg, history, save_both)
+    return florence2, history
