@@ -71,19 +71,24 @@ def apply_attn_implementation(model, implementation: str | None = None,
     """Switch a built transformers model (ours included) to `implementation` (chosen for `device` when None).
 
     Falls back to sdpa if the requested kernel cannot be used (e.g. flash-attn missing), so callers can
-    always ask for the best one. Returns the implementation in effect."""
+    always ask for the best one. Florence-2's DaViT always stays on sdpa: its channel attention treats the
+    token count as the head dimension (thousands at 768 px), far beyond flash-attn's limit of 256.
+    Returns the implementation in effect for the language parts."""
     impl = implementation or choose_attn_implementation(device)
     if impl not in ATTN_IMPLEMENTATIONS:
         raise ValueError(f"attn_implementation {impl!r} is not one of {ATTN_IMPLEMENTATIONS}")
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == impl:
-        return impl
-    try:
-        model.set_attn_implementation(impl)
-    except (ImportError, ValueError):
-        if impl == "sdpa":
-            raise
-        impl = "sdpa"
-        model.set_attn_implementation(impl)
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != impl:
+        try:
+            model.set_attn_implementation(impl)
+        except (ImportError, ValueError):
+            if impl == "sdpa":
+                raise
+            impl = "sdpa"
+            model.set_attn_implementation(impl)
+    if impl == "flash_attention_2":
+        for module in model.modules():
+            if type(module).__name__ == "Florence2VisionBackbone":
+                module.config._attn_implementation = "sdpa"
     return impl
 
 

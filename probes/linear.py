@@ -234,84 +234,125 @@ def batched_lbfgs(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor
 # --------------------------------------------------------------------------- split preparation
 @dataclass
 class _Design:
-    """Per-split standardised (optionally PCA-reduced) features, as a function of parameters."""
-    x: torch.Tensor              # (n, d) globally centred features (diag mode) or (S, n, p) (dense)
-    mu: torch.Tensor | None      # (S, d) train means (diag mode)
-    inv_sd: torch.Tensor | None  # (S, d) 1 / train std (diag mode)
-    dense: bool
-    dim: int
+    """The features each split sees: standardised with that split's train statistics and
+    (optionally) projected on its train PCA basis; the solver only ever asks for products with
+    a stack of per-split weights, so the layout can follow what is cheapest.
+
+    * ``shared`` (no PCA): one centred copy of X (n, d) for all splits; standardisation is folded
+      into the weights, so each solver step is ONE wide matrix product X @ (d, S*Q) that stays in
+      cache. Logits are laid out rows-first (n, S, Q); non-train rows get weight 0.
+    * ``packed`` (PCA): each split's projected train rows (S, m, p), padded to the largest split;
+      logits are split-first (S, m, Q).
+    """
+    x: torch.Tensor              # (n, d) globally centred features
+    mu: torch.Tensor             # (S, d) train means
+    inv_sd: torch.Tensor         # (S, d) 1 / train std (0 for constant features)
+    train: torch.Tensor          # (S, n) bool
+    basis: torch.Tensor | None   # (S, d, p) PCA basis (packed layout), or None (shared layout)
+    rows: torch.Tensor | None    # (S, m) row index of each packed train row (0 for padding)
+    row_ok: torch.Tensor | None  # (S, m) False on padding
+    z: torch.Tensor | None       # (S, m, p) packed train features
     explained: float | None = None
 
+    @property
+    def shared(self) -> bool:
+        return self.basis is None
+
+    @property
+    def dim(self) -> int:
+        return self.x.shape[1] if self.shared else self.basis.shape[-1]
+
+    @property
+    def n_splits(self) -> int:
+        return self.mu.shape[0]
+
+    def full(self, s: int) -> torch.Tensor:
+        """(n, p) features of every row as split s sees them."""
+        out = (self.x - self.mu[s]) * self.inv_sd[s]
+        return out if self.basis is None else out @ self.basis[s]
+
+    def rowwise(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-row values (n, T) -> the logits' row layout: (n, 1, T) shared, (S, m, T) packed."""
+        return v.unsqueeze(1) if self.shared else v[self.rows]
+
+    def row_weight(self) -> torch.Tensor:
+        """Which rows train each split, in the logits' row layout: (n, S, 1) or (S, m, 1)."""
+        return (self.train.T if self.shared else self.row_ok).unsqueeze(-1)
+
     def apply(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """W (S, p, Q), b (S, Q) -> logits (S, n, Q)."""
-        if self.dense:
-            return torch.baddbmm(b.unsqueeze(1), self.x, W)
-        S, p, Q = W.shape
+        """W (S, p, Q), b (S, Q) -> train logits, (n, S, Q) shared or (S, m, Q) packed."""
+        if not self.shared:
+            return torch.baddbmm(b.unsqueeze(1), self.z, W)
+        S, d, Q = W.shape
         Ws = W * self.inv_sd.unsqueeze(-1)
         b2 = b - torch.einsum("sd,sdq->sq", self.mu * self.inv_sd, W)
-        out = self.x @ Ws.permute(1, 0, 2).reshape(p, S * Q)
-        return out.view(-1, S, Q).transpose(0, 1) + b2.unsqueeze(1)
+        out = torch.addmm(b2.reshape(1, S * Q), self.x, Ws.permute(1, 0, 2).reshape(d, S * Q))
+        return out.view(-1, S, Q)
 
     def apply_T(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjoint of ``apply``: G (S, n, Q) = d f / d logits -> (d f / d W (S, p, Q), d f / d b (S, Q))."""
-        gb = G.sum(1)
-        if self.dense:
-            return torch.bmm(self.x.transpose(1, 2), G), gb
-        S, n, Q = G.shape
-        xg = (self.x.T @ G.transpose(0, 1).reshape(n, S * Q)).view(-1, S, Q).transpose(0, 1)  # (S, d, Q)
-        gW = (xg - self.mu.unsqueeze(-1) * gb.unsqueeze(1)) * self.inv_sd.unsqueeze(-1)
-        return gW, gb
-
-    def standardized(self, s: int) -> torch.Tensor:
-        """(n, p) features of split s."""
-        if self.dense:
-            return self.x[s]
-        return (self.x - self.mu[s]) * self.inv_sd[s]
+        """Adjoint of ``apply``: d f / d logits -> (d f / d W (S, p, Q), d f / d b (S, Q))."""
+        if not self.shared:
+            return torch.bmm(self.z.transpose(1, 2), G), G.sum(1)
+        n, S, Q = G.shape
+        gb = G.sum(0)
+        xg = (self.x.T @ G.view(n, S * Q)).view(-1, S, Q).permute(1, 0, 2)
+        return (xg - self.mu.unsqueeze(-1) * gb.unsqueeze(1)) * self.inv_sd.unsqueeze(-1), gb
 
 
-def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None) -> _Design:
+def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
+                 max_bytes: float = 2.0 * 2 ** 30) -> _Design:
     X = X - X.mean(0, keepdim=True)
     S = train.shape[0]
     w = train.to(X.dtype)
     cnt = w.sum(1, keepdim=True)
     mu = (w @ X) / cnt
-    var = (w @ (X * X)) / cnt - mu * mu
-    sd = var.clamp_min(0).sqrt()
+    var = ((w @ (X * X)) / cnt - mu * mu).clamp_min(0)
+    sd = var.sqrt()
     inv_sd = torch.where(sd > 1e-6 * sd.amax(1, keepdim=True).clamp_min(1e-12), 1.0 / sd, torch.zeros_like(sd))
     if not pca or pca >= X.shape[1]:
-        return _Design(X, mu, inv_sd, dense=False, dim=X.shape[1])
-    Z = torch.empty(S, X.shape[0], pca, dtype=X.dtype)
+        return _Design(X, mu, inv_sd, train, None, None, None, None)
+    m, p = int(train.sum(1).max()), int(pca)
+    need = S * m * p * X.element_size()
+    if need > max_bytes:
+        raise ValueError(f"features: {S} splits x {m} train rows x {p} PCA dims need {need / 2 ** 30:.1f} GiB; "
+                         "pass a smaller pca=<dims>, select='cv' (half the splits) or fewer rows")
+    rows = torch.zeros(S, m, dtype=torch.long)
+    row_ok = torch.zeros(S, m, dtype=torch.bool)
+    z = torch.zeros(S, m, p, dtype=X.dtype)
+    basis = torch.empty(S, X.shape[1], p, dtype=X.dtype)
     explained = []
     gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # svd_lowrank draws a random test matrix; keep results reproducible
     try:
         for s in range(S):
-            Xs = (X - mu[s]) * inv_sd[s]
-            tr = Xs[train[s]]
-            _, sv, V = torch.svd_lowrank(tr, q=min(pca + 10, *tr.shape), niter=3, M=None)
-            Z[s] = Xs @ V[:, :pca]
-            total = (tr * tr).sum()
-            explained.append(float((sv[:pca] ** 2).sum() / total.clamp_min(1e-12)))
+            idx = torch.nonzero(train[s]).squeeze(1)
+            rows[s, :idx.numel()] = idx
+            row_ok[s, :idx.numel()] = True
+            tr = (X[idx] - mu[s]) * inv_sd[s]
+            _, sv, V = torch.svd_lowrank(tr, q=min(p + 10, *tr.shape), niter=3)
+            basis[s] = V[:, :p]
+            explained.append(float((sv[:p] ** 2).sum() / (tr * tr).sum().clamp_min(1e-12)))
+            z[s, :idx.numel()] = tr @ basis[s]
     finally:
         torch.random.set_rng_state(gen_state)
-    return _Design(Z, None, None, dense=True, dim=pca, explained=float(np.mean(explained)))
+    return _Design(X, mu, inv_sd, train, basis, rows, row_ok, z, float(np.mean(explained)))
 
 
 # --------------------------------------------------------------------------- solvers
 def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_classes: Sequence[int],
-                  train: torch.Tensor, Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool = True
+                  Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool = True
                   ) -> tuple[torch.Tensor, dict]:
     """Batched multinomial logistic regression for targets (T, n) (int class codes, -1 missing),
-    valid (T, n), train masks (S, n) and Cs (L,). Targets are solved in buckets of equal class
-    count (no padded classes); binary targets use one logit. Returns predicted class codes
+    valid (T, n) and Cs (L,), on every split of ``design``. Targets are solved in buckets of equal
+    class count (no padded classes); binary targets use one logit. Returns predicted class codes
     (S, n, T, L) and solver info."""
-    S, n = train.shape
+    S, n = design.n_splits, design.x.shape[0]
     T, L = targets.shape[0], Cs.shape[0]
     pred = torch.zeros(S, n, T, L, dtype=torch.int64)
     infos = {}
     for k in sorted(set(n_classes)):
         idx = [t for t, kk in enumerate(n_classes) if kk == k]
-        p_k, info = _fit_logistic_bucket(design, targets[idx], valid[idx], max(k, 2), train, Cs,
+        p_k, info = _fit_logistic_bucket(design, targets[idx], valid[idx], max(k, 2), Cs,
                                          max_iter=max_iter, tol=tol, warm=warm)
         pred[:, :, idx] = p_k
         infos[f"K={k}"] = info
@@ -319,94 +360,106 @@ def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n
 
 
 def _fit_logistic_bucket(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_cls: int,
-                         train: torch.Tensor, Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool
+                         Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool
                          ) -> tuple[torch.Tensor, dict]:
-    """All targets here have ``n_cls`` classes; parameters (S, p + 1, T, Lb, K) with K = n_cls,
-    or K = 1 for binary (logit of class 1 against class 0, as scikit-learn does)."""
-    S, n = train.shape
+    """All targets here have ``n_cls`` classes. Parameters (S, T, Lb, p + 1, K) with K = n_cls, or
+    K = 1 for binary (logit of class 1 against class 0, as scikit-learn does); the last row of
+    each (p + 1, K) block is the unpenalised intercept."""
+    S, p = design.n_splits, design.dim
     T, L = targets.shape[0], Cs.shape[0]
-    p = design.dim
     dtype = Cs.dtype
     binary = n_cls == 2
     K = 1 if binary else n_cls
-    yidx = targets.clamp_min(0).T.reshape(1, n, T, 1, 1)                      # class codes
-    y1 = (targets == 1).to(dtype).T.reshape(1, n, T, 1, 1)                    # binary: is class 1
-    w = train.to(dtype).unsqueeze(1) * valid.to(dtype).unsqueeze(0)          # (S, T, n)
-    count = w.sum(-1).clamp_min(1.0)                                          # (S, T)
-    w = (w / count.unsqueeze(-1)).permute(0, 2, 1).reshape(S, n, T, 1, 1)
+    row_dim = 0 if design.shared else 1
+    y_r = design.rowwise(targets.clamp_min(0).T)                               # (R, 1|S, T) layout
+    w = design.rowwise(valid.T).to(dtype) * design.row_weight().to(dtype)      # (R, S, T) / (S, R, T)
+    count = w.sum(row_dim, keepdim=True).clamp_min(1.0)
+    w = (w / count).unsqueeze(-1).unsqueeze(-1)                                # (..., T, 1, 1)
+    count = count.reshape(S, T)
+    y1 = (y_r == 1).to(dtype).unsqueeze(-1).unsqueeze(-1)
+    y_r = y_r.unsqueeze(-1).unsqueeze(-1)
 
     def problem(C: torch.Tensor):
         """Objective over a block of C values (Lb,)."""
         Lb = C.shape[0]
         Q = T * Lb * K
-        pen = 1.0 / (2.0 * C.view(1, 1, 1, Lb, 1) * count.view(S, 1, T, 1, 1))   # (S,1,T,Lb,1)
-        wl = w.expand(S, n, T, Lb, 1)
-        yl = yidx.expand(S, n, T, Lb, 1)
+        pen = 1.0 / (2.0 * C.view(1, 1, Lb, 1, 1) * count.view(S, T, 1, 1, 1))   # (S, T, Lb, 1, 1)
+        wl = w.expand(*w.shape[:3], Lb, 1)
+        yl = y_r.expand(*wl.shape[:2], T, Lb, 1)
 
-        def forward(theta: torch.Tensor) -> torch.Tensor:
-            return design.apply(theta[:, :p].reshape(S, p, Q), theta[:, p].reshape(S, Q)).view(S, n, T, Lb, K)
+        def logits(theta: torch.Tensor) -> torch.Tensor:
+            W = theta[..., :p, :].permute(0, 3, 1, 2, 4).reshape(S, p, Q)
+            b = theta[..., p, :].reshape(S, Q)
+            out = design.apply(W, b)
+            return out.view(*out.shape[:2], T, Lb, K)
 
         def fun(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # analytic gradient: d(mean CE)/d logits = w * (softmax - onehot)
-            z = forward(theta)
+            zl = logits(theta)
             if binary:
-                nll = torch.nn.functional.softplus(z) - z * y1
-                G = torch.sigmoid(z).sub_(y1).mul_(w)
+                nll = torch.nn.functional.softplus(zl) - zl * y1
+                G = torch.sigmoid(zl).sub_(y1).mul_(w)
             else:
-                mx = z.amax(-1, keepdim=True)
-                e = (z - mx).exp_()
+                mx = zl.amax(-1, keepdim=True)
+                e = (zl - mx).exp_()
                 se = e.sum(-1, keepdim=True)
-                nll = mx + se.log() - z.gather(-1, yl)
+                nll = mx + se.log() - zl.gather(-1, yl)
                 G = e.mul_(w / se)
                 G.scatter_add_(-1, yl, -wl)
-            data = (nll * w).sum(1).view(S, 1, T, Lb, 1)
-            Wt = theta[:, :p]
-            f = data + Wt.pow(2).sum(dim=(1, 4), keepdim=True) * pen
-            gW, gb = design.apply_T(G.view(S, n, Q))
+            data = (nll * w).sum(row_dim).view(S, T, Lb, 1, 1)
+            Wt = theta[..., :p, :]
+            f = data + Wt.pow(2).sum(dim=(3, 4), keepdim=True) * pen
+            gW, gb = design.apply_T(G.view(*G.shape[:2], Q))
             g = torch.empty_like(theta)
-            g[:, :p] = gW.view(S, p, T, Lb, K) + 2.0 * pen * Wt
-            g[:, p] = gb.view(S, T, Lb, K)
+            g[..., :p, :] = gW.view(S, p, T, Lb, K).permute(0, 2, 3, 1, 4) + 2.0 * pen * Wt
+            g[..., p, :] = gb.view(S, T, Lb, K)
             return f, g
 
         def predict(theta: torch.Tensor) -> torch.Tensor:
-            z = forward(theta)
-            return (z[..., 0] > 0).long() if binary else z.argmax(-1)
+            """Predicted classes of all rows (S, n, T, Lb)."""
+            W = theta[..., :p, :].permute(0, 3, 1, 2, 4).reshape(S, p, Q)
+            b = theta[..., p, :].reshape(S, Q)
+            out = []
+            for s in range(S):
+                zl = torch.addmm(b[s:s + 1], design.full(s), W[s]).view(-1, T, Lb, K)
+                out.append((zl[..., 0] > 0).long() if binary else zl.argmax(-1))
+            return torch.stack(out)
 
         return predict, fun
 
     preds = []
     if warm:
         # regularisation path: C ascending, each solve starts from the previous solution
-        theta = torch.zeros(S, p + 1, T, 1, K, dtype=dtype)
+        theta = torch.zeros(S, T, 1, p + 1, K, dtype=dtype)
         infos = []
         for l in range(L):
             predict, fun = problem(Cs[l:l + 1])
-            theta, info = batched_lbfgs(fun, theta, (1, 4), max_iter=max_iter, tol=tol)
+            theta, info = batched_lbfgs(fun, theta, (3, 4), max_iter=max_iter, tol=tol)
             infos.append(info)
             preds.append(predict(theta))
         info = {"n_iter": [i["n_iter"] for i in infos], "converged": [i["converged"] for i in infos]}
     else:
         predict, fun = problem(Cs)
-        theta, info = batched_lbfgs(fun, torch.zeros(S, p + 1, T, L, K, dtype=dtype), (1, 4),
+        theta, info = batched_lbfgs(fun, torch.zeros(S, T, L, p + 1, K, dtype=dtype), (3, 4),
                                     max_iter=max_iter, tol=tol)
         preds.append(predict(theta))
     return torch.cat(preds, dim=-1), info
 
 
-def _fit_ridge(design: _Design, targets: torch.Tensor, valid: torch.Tensor, train: torch.Tensor,
-               Cs: torch.Tensor) -> torch.Tensor:
-    """Closed-form ridge for every split, target and alpha = 1/C via one SVD per split (and per
-    distinct missing-value pattern). Returns predictions (S, n, T, L)."""
-    S, n = train.shape
-    T = targets.shape[0]
-    L = Cs.shape[0]
+def _fit_ridge(design: _Design, targets: torch.Tensor, valid: torch.Tensor, Cs: torch.Tensor) -> torch.Tensor:
+    """Closed-form ridge for every split, target and alpha = 1/C (objective
+    ``sum_i (y_i - x_i w - b)^2 + alpha ||w||^2``) via one SVD per split and missing-value pattern.
+    Returns predictions (S, n, T, L)."""
+    S, n = design.n_splits, design.x.shape[0]
+    T, L = targets.shape[0], Cs.shape[0]
     alphas = 1.0 / Cs
     out = torch.zeros(S, n, T, L, dtype=targets.dtype)
     for s in range(S):
-        Z = design.standardized(s)
+        Z = design.full(s)
+        rows_s = torch.nonzero(design.train[s]).squeeze(1)
         cache: dict[bytes, tuple] = {}
         for t in range(T):
-            rows = train[s] & valid[t]
+            rows = rows_s[valid[t, rows_s]]
             key = rows.numpy().tobytes()
             if key not in cache:
                 Zr = Z[rows]
@@ -416,9 +469,9 @@ def _fit_ridge(design: _Design, targets: torch.Tensor, valid: torch.Tensor, trai
             zm, U, sv, Vh = cache[key]
             y = targets[t, rows]
             ym = y.mean()
-            uty = U.T @ (y - ym)                                                  # (r,)
+            uty = U.T @ (y - ym)                                                      # (r,)
             shrink = sv.unsqueeze(1) / (sv.unsqueeze(1) ** 2 + alphas.unsqueeze(0))  # (r, L)
-            coef = Vh.T @ (shrink * uty.unsqueeze(1))                            # (p, L)
+            coef = Vh.T @ (shrink * uty.unsqueeze(1))                                # (p, L)
             out[s, :, t] = (Z - zm) @ coef + ym
     return out
 
@@ -703,10 +756,10 @@ def probe_matrix(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequen
                 for nm in names:
                     k = len(enc[nm]["classes"])
                     ncls += [k, k] if control else [k]
-                pred, info = _fit_logistic(design, targets, valid, ncls, train, Cs_t, max_iter=max_iter, tol=tol,
+                pred, info = _fit_logistic(design, targets, valid, ncls, Cs_t, max_iter=max_iter, tol=tol,
                                               warm=path == "warm")
             else:
-                pred = _fit_ridge(design, targets, valid, train, Cs_t)
+                pred = _fit_ridge(design, targets, valid, Cs_t)
                 info = {"solver": "closed-form ridge (alpha = 1/C)"}
             scores = _score(pred, targets, valid, evals, task)                  # (S, T, L)
             step = 2 if control else 1

@@ -106,12 +106,22 @@ def randomize(module: torch.nn.Module, seed: int) -> None:
 
 # ---- Florence-VL direct model and its LLaVA-layout checkpoint ------------------------------------
 def direct_florence_vl(llm: str) -> FlorenceVLForConditionalGeneration:
+    """phi3: Florence-2's real vocabulary size and the official prompt ids (the released-weights path);
+    llama: the in-process Florence-2 tokenizer's vocabulary, prompts tokenised by it (the tokenizer path)."""
     llm_cfg = (Phi3Config(**LLM, original_max_position_embeddings=1024,
                           rope_scaling={"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
                                         "short_factor": [1.0] * 8})
                if llm == "phi3" else LlamaConfig(**LLM))
-    cfg = FlorenceVLConfig(vision_config=tiny_florence2_config(conv.FLORENCE2_TEXT_VOCAB, 0), text_config=llm_cfg,
-                           prompts=dict(DEFAULT_PROMPTS), prompt_token_ids=OFFICIAL_PROMPT_TOKEN_IDS,
+    if llm == "phi3":
+        vocab, prompt_ids = conv.FLORENCE2_TEXT_VOCAB, OFFICIAL_PROMPT_TOKEN_IDS
+    else:
+        from model.processing import build_florence2_tokenizer
+
+        tok = build_florence2_tokenizer()
+        vocab = len(tok)
+        prompt_ids = {k: tok(t)["input_ids"] for k, t in DEFAULT_PROMPTS.items()}
+    cfg = FlorenceVLConfig(vision_config=tiny_florence2_config(vocab, 0), text_config=llm_cfg,
+                           prompts=dict(DEFAULT_PROMPTS), prompt_token_ids=prompt_ids,
                            attend_prompt_pads=True, projector_type="mlp3x_gelu", image_token_id=LLM_VOCAB - 1,
                            image_size=128, template="phi3")
     torch.manual_seed(0)
@@ -172,7 +182,7 @@ def llava_config(m: FlorenceVLForConditionalGeneration, llm: str, embed_florence
                mm_use_im_patch_token=False, use_mm_proj=True, image_aspect_ratio="pad",
                tokenizer_model_max_length=2048, tokenizer_padding_side="right", torch_dtype="float32")
     if embed_florence2:
-        f2 = remote_florence2_config(conv.FLORENCE2_TEXT_VOCAB)
+        f2 = remote_florence2_config(m.config.vision_config.text_config.vocab_size)
         cfg.update(vision_config=f2["vision_config"], text_config=f2["text_config"])
     return cfg
 
@@ -198,14 +208,15 @@ def write_llava_phi(tmp: Path, m) -> Path:
     return d
 
 
-def write_llava_llama(tmp: Path, m, with_tower: bool = True, tokenizers: bool = True) -> Path:
-    """8B-style: pytorch_model.bin, Florence-2 config (+ tokenizer) in vision_tower/, LLM tokenizer at the top."""
+def write_llava_llama(tmp: Path, m, with_tower: bool = True, llm_tokenizer: bool = True) -> Path:
+    """8B-style: pytorch_model.bin, Florence-2 config + tokenizer in vision_tower/, LLM tokenizer at the top."""
     from model.processing import build_florence2_tokenizer, build_llm_tokenizer
 
     d = tmp / "florence-vl-8b-sft"
     (d / "vision_tower").mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(llava_config(m, "llama", embed_florence2=False)))
-    (d / "vision_tower" / "config.json").write_text(json.dumps(remote_florence2_config(conv.FLORENCE2_TEXT_VOCAB)))
+    vocab = m.config.vision_config.text_config.vocab_size
+    (d / "vision_tower" / "config.json").write_text(json.dumps(remote_florence2_config(vocab)))
     (d / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 128, "width": 128}, "do_center_crop": False,
          "size": {"height": 128, "width": 128}, "resample": 3, "image_seq_length": 17}))
@@ -213,9 +224,9 @@ def write_llava_llama(tmp: Path, m, with_tower: bool = True, tokenizers: bool = 
     torch.save(main, d / "pytorch_model.bin")
     if not with_tower:
         torch.save(tower, d / "vision_tower" / "pytorch_model.bin")
-    if tokenizers:
+    build_florence2_tokenizer().save_pretrained(d / "vision_tower")
+    if llm_tokenizer:
         build_llm_tokenizer().save_pretrained(d)
-        build_florence2_tokenizer().save_pretrained(d / "vision_tower")
     return d
 
 
@@ -376,6 +387,8 @@ def test_llava_llama_bin_with_tokenizers_and_576_tokens(llama_model, tmp_path):
     assert processor is not None and processor.template == "llama3"
     assert processor.image_token_id == model.config.image_token_id == 4  # the tokenizer's own <image>
     assert model.config.text_config.vocab_size == LLM_VOCAB  # no resize needed
+    assert model.config.vision_config.text_config.vocab_size == 2048  # 2013 tokens padded to a multiple of 64
+    assert any("tokenised with the checkpoint's Florence-2 tokenizer" in n for n in model.conversion_report.notes)
     assert_same_outputs(llama_model, model)
     m576 = FlorenceVLForConditionalGeneration.from_pretrained(d, tokens=576)
     assert m576.config.drop_global_token and m576.config.num_image_tokens() == 16
@@ -383,7 +396,7 @@ def test_llava_llama_bin_with_tokenizers_and_576_tokens(llama_model, tmp_path):
 
 
 def test_stage1_layout_with_separate_vision_tower_weights(llama_model, tmp_path):
-    d = write_llava_llama(tmp_path, llama_model, with_tower=False, tokenizers=False)
+    d = write_llava_llama(tmp_path, llama_model, with_tower=False, llm_tokenizer=False)
     model, processor = conv.load_official(d)
     assert processor is None
     assert any("no processor" in n for n in model.conversion_report.notes)
@@ -405,7 +418,7 @@ def test_fvl_convert_writes_our_layout(phi_model, tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_refused(llama_model, tmp_path):
-    d = write_llava_llama(tmp_path, llama_model, tokenizers=False)
+    d = write_llava_llama(tmp_path, llama_model, llm_tokenizer=False)
     sd = torch.load(d / "pytorch_model.bin", weights_only=True)
     sd.pop("model.layers.1.mlp.down_proj.weight")
     torch.save(sd, d / "pytorch_model.bin")

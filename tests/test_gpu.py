@@ -1,0 +1,148 @@
+"""The GPU path on a CPU-only machine: device/dtype/attention choices and the GPU check at tiny size."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import model.device as device_mod
+from model.device import (apply_attn_implementation, choose_attn_implementation, choose_dtype, flash_attn_available,
+                          parse_dtype, resolve_device)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _no_find_spec(name, *a, **k):
+    raise AssertionError(f"find_spec({name!r}) must not be called without CUDA")
+
+
+def test_cpu_choices_never_look_for_flash_attn(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", _no_find_spec)
+    assert choose_attn_implementation("cpu") == "sdpa"
+    assert choose_attn_implementation(None) == ("sdpa" if not torch.cuda.is_available() else
+                                                choose_attn_implementation("cuda"))
+    assert not flash_attn_available("cpu")
+    assert choose_dtype("cpu") == torch.float32
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_cuda_choices_with_and_without_flash_attn(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    found = {"flash_attn": object()}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: found.get(name))
+    assert choose_attn_implementation("cuda") == "flash_attention_2"
+    assert choose_dtype("cuda") == torch.bfloat16
+    assert choose_attn_implementation("cpu") == "sdpa"  # CUDA present, but the CPU was asked for
+    found.clear()
+    assert choose_attn_implementation("cuda") == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert choose_dtype("cuda:0") == torch.float16
+
+
+def test_unavailable_cuda_and_bad_dtype_are_clear_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    assert parse_dtype("bf16") == torch.bfloat16 and parse_dtype("auto") is None
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("float8")
+
+
+def test_cpu_run_never_imports_flash_attn():
+    """A fresh interpreter: load a tiny model, choose and apply the attention, run it; flash_attn stays unimported."""
+    code = (
+        "import sys, torch\n"
+        "from model.builder import build_model\n"
+        "from model.device import apply_attn_implementation\n"
+        "m, p = build_model('tiny')\n"
+        "impl = apply_attn_implementation(m, None, 'cpu')\n"
+        "with torch.no_grad(): m.get_image_features(torch.randn(1, 3, 128, 128))\n"
+        "print(impl, 'flash_attn' in sys.modules, any(k.startswith('flash_attn') for k in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["sdpa", "False", "False"]
+
+
+def test_flash_request_falls_back_to_sdpa_and_keeps_davit_off_flash(tiny):
+    model, _ = tiny
+    try:
+        # flash-attn is not installed here: the request falls back instead of failing
+        assert apply_attn_implementation(model, "flash_attention_2") == "sdpa"
+        assert model.language_model.config._attn_implementation == "sdpa"
+        # where flash does apply, the DaViT (channel attention: head dim = token count) is put back on sdpa
+        model.set_attn_implementation("eager")
+
+        def fake_set(impl):
+            model.config._attn_implementation = impl
+
+        model.set_attn_implementation = fake_set
+        assert apply_attn_implementation(model, "flash_attention_2") == "flash_attention_2"
+        assert model.vision_tower.vision_tower.config._attn_implementation == "sdpa"
+    finally:
+        if "set_attn_implementation" in model.__dict__:
+            del model.set_attn_implementation
+        model.set_attn_implementation("sdpa")
+        model.config._attn_implementation = "sdpa"
+    assert model.vision_tower.encoder.config._attn_implementation == "sdpa"
+
+
+def _args(**kw):
+    from benchmarks import gpu
+
+    parser = argparse.ArgumentParser()
+    gpu.add_arguments(parser)
+    args = parser.parse_args(["--preset", "tiny", "--device", "cpu", "--repeats", "1"])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_gpu_check_tiny_on_cpu():
+    from benchmarks import gpu
+
+    result = gpu.run(_args())
+    json.dumps(result)  # one JSON object
+    ext = result["extraction"]["tiny"]
+    assert ext["fused_images_s"] > 0 and ext["naive_images_s"] > 0
+    assert ext["speedup"] == pytest.approx(ext["fused_images_s"] / ext["naive_images_s"], rel=0.01)
+    assert ext["max_abs_diff_vs_naive"] < 1e-4  # fused and naive compute the same features
+    train = result["train"]
+    assert "error" not in train, train
+    assert train["tokens_s"] > 0 and train["loss_finite"] and train["mfu"] is None  # no known peak on a CPU
+    assert train["tokens_s"] == pytest.approx(train["batch"] * train["seq_len"] / train["step_s"], rel=0.01)
+    assert train["trainable_params_b"] < train["params_b"]  # the vision tower is frozen
+    assert result["device"] == "cpu" and result["dtype"] == "float32" and result["attn_implementation"] == "sdpa"
+    # a peak given by hand gives an MFU
+    with_peak = gpu.run(_args(parts="train", peak_tflops=1.0))
+    assert "extraction" not in with_peak and 0 < with_peak["train"]["mfu"] < 10
+
+
+def test_gpu_check_reports_a_failing_phase_and_continues():
+    from benchmarks import gpu
+
+    result = gpu.run(_args(parts="train", seq_len=10))  # shorter than the 17 image tokens
+    assert "seq-len 10" in result["train"]["error"] and result["total_s"] >= 0
+
+
+def test_gpu_check_script_and_cli_print_one_json_object():
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--preset", "tiny", "--device", "cpu",
+                          "--repeats", "1", "--parts", "extraction"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["extraction"]["tiny"]["speedup"] > 0
+    from workbench.cli import main
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["bench", "gpu", "--json", "--preset", "tiny", "--device", "cpu", "--repeats", "1",
+                     "--parts", "extraction"]) == 0
+    assert json.loads(buf.getvalue())["benchmark"] == "gpu"

@@ -1,0 +1,106 @@
+"""Feature maps: for one image, every spatial tap as a PCA-as-RGB map, prompts side by side, and where
+each prompt's pass changed the depth features V (difference maps).
+
+Needs token maps: a store captured with pool none or grid{k}. A mean-pooled store has none, so the
+maps are then computed live from the model (the run's model directory, or the store's preset)."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from workbench.app_views import cache, compute
+from workbench.app_views.context import AppConfig, model_preset
+
+TILE = 168
+
+
+def _tile(rgb: np.ndarray) -> np.ndarray:
+    return (compute.upsample_nearest(rgb, TILE) * 255).clip(0, 255).astype(np.uint8)
+
+
+def _heat_tile(values: np.ndarray, vmax: float) -> np.ndarray:
+    from matplotlib import colormaps
+
+    v = np.clip(values / (vmax or 1.0), 0, 1)
+    return _tile(colormaps["magma"](v)[..., :3])
+
+
+def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None) -> None:
+    """PCA-RGB rows (one basis per row, so colours compare across the prompts of a row) and difference maps."""
+    if not grids:
+        st.info("No spatial taps to draw.")
+        return
+    rows = compute.layout_rows(list(grids))
+    prompt_rows = [(k, t) for k, t in rows if all(x.startswith("prompt.") for x in t)]
+    for key, taps in rows:
+        if key == "V" and prompt_rows:
+            continue  # depth V is drawn at the head of every prompt row
+        members = (["depth"] if "depth" in grids and all(t.startswith("prompt.") for t in taps) else []) + taps
+        try:
+            rgb = compute.pca_rgb({t: grids[t] for t in members})
+        except ValueError:
+            continue
+        st.markdown(f"**{key}**" + (" (depth V, then each prompt)" if members[0] == "depth" and len(members) > 1 else ""))
+        cols = st.columns(max(len(members) + (1 if image is not None else 0), 4))
+        offset = 0
+        if image is not None:
+            cols[0].image(image, caption="image", width="stretch")
+            offset = 1
+        for j, t in enumerate(members):
+            stream, depth, _ = compute.tap_position(t)
+            cols[offset + j].image(_tile(rgb[t]), caption=f"{t} ({grids[t].shape[0]}x{grids[t].shape[1]})",
+                                   width="stretch")
+    if "depth" in grids and prompt_rows:
+        st.subheader("Difference maps: where each prompt changed V")
+        key = st.selectbox("encoder layer", [k for k, _ in prompt_rows], index=len(prompt_rows) - 1, key="diff_layer")
+        taps = dict(prompt_rows)[key]
+        diffs = compute.difference_maps({"depth": grids["depth"], **{t: grids[t] for t in taps}}, "depth")
+        if diffs:
+            vmax = max(float(d.max()) for d in diffs.values())
+            cols = st.columns(max(len(diffs) + (1 if image is not None else 0), 4))
+            if image is not None:
+                cols[0].image(image, caption="image", width="stretch")
+            for j, (t, d) in enumerate(diffs.items()):
+                cols[j + (1 if image is not None else 0)].image(
+                    _heat_tile(d, vmax), width="stretch",
+                    caption=f"{t}: mean {d.mean():.2f}, max {d.max():.2f} (x mean |V|)")
+            st.caption("||prompt features - V|| per token, relative to the mean norm of V; one colour scale for all.")
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _live_grids(model_dir: str | None, preset: str | None, image_path: str) -> dict:
+    model, processor = cache.load_model(model_dir, preset)
+    return compute.live_run(model, processor, image_path, "Describe the image.", max_new_tokens=1)
+
+
+def render(cfg: AppConfig) -> None:
+    st.header("Feature maps")
+    if cfg.store is None:
+        st.info("Open a store to browse its images; the Live view draws maps for any uploaded image.")
+        return
+    path = str(cfg.store)
+    version = cache.store_version(path)
+    s = cache.store(path)
+    spatial = compute.spatial_taps(s.manifest)
+    paths = cache.image_paths(str(cfg.data) if cfg.data else None, tuple(s.items))
+    item = st.selectbox("image", s.items, key="fmap_item")
+    image = None
+    if item in paths:
+        image = np.asarray(cache.thumbnail(paths[item], 256))
+    pool = str(s.manifest.get("pool"))
+    if spatial:
+        st.caption(f"from the store (pool {pool}): {len(spatial)} spatial taps")
+        grids = {t: compute.to_grid(cache.load_tap(path, version, t, (item,))[0], pool) for t in spatial}
+    else:
+        if item not in paths:
+            st.warning(f"This store was captured with pool={pool} (no token maps) and the image of {item} is not found; "
+                       "pass --data DIR to compute maps live, or capture with `--pool grid6` / `--pool none`.")
+            return
+        st.caption(f"the store holds pooled vectors (pool {pool}): maps computed live from the model")
+        with st.spinner("Running the model on this image..."):
+            out = _live_grids(str(cfg.model) if cfg.model else None, model_preset(s.manifest), paths[item])
+        grids = out["taps"]
+    labels = cache.labels_table(path, version)
+    k = labels["id"].index(item)
+    st.caption(" · ".join(f"{n}={labels[n][k]}" for n in labels if n != "id"))
+    show_grids(grids, image)
