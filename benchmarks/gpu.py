@@ -13,6 +13,7 @@ reports its error instead of aborting the others. `--preset tiny --device cpu` r
 from __future__ import annotations
 
 import gc
+import sys
 import time
 
 import torch
@@ -43,8 +44,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _reset_memory(device: torch.device) -> None:
-    gc.collect()
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -309,4 +310,5 @@ def run(args) -> dict:
     result["total_s"] = round(time.perf_counter() - start, 2)
     ratios = [v["speedup"] for v in result.get("extraction", {}).values() if "speedup" in v]
     result["fused_vs_naive_speedup"] = ratios
+    result["flash_attn_imported"] = any(m == "flash_attn" or m.startswith("flash_attn.") for m in sys.modules)
     return result

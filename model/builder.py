@@ -40,6 +40,7 @@ def build_config(preset: str, llm_tokenizer=None, florence2_tokenizer=None, **ov
                            **overrides)
     config.vision_config.image_token_id = florence2_tokenizer.convert_tokens_to_ids("<image>")
     config.prompt_token_ids = tokenize_prompts(config, florence2_tokenizer)
+    config.check_position_limits()  # now with the real prompt lengths
     return config
 
 
@@ -88,15 +89,53 @@ def load_model(path: str | Path, *, device: str | torch.device | None = None, dt
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory (no config.json); pass a directory written by "
                                 "`fvl train` / save_model, or use --preset NAME for a random-init model")
-    cfg = json.loads((path / "config.json").read_text())
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON ({exc}); the model directory is damaged - "
+                         "save, train or convert the model again") from None
     if cfg.get("model_type") != "florence_vl":
         from model.convert import load_official  # official Florence-2 / Florence-VL layouts
 
         return load_official(path, device=device, dtype=dtype)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = FlorenceVLForConditionalGeneration.from_pretrained(path, **kwargs)
+    model = _from_pretrained_checked(path, kwargs)
     if device is not None:
         model.to(device)
     model.eval()
     processor = FlorenceVLProcessor.from_pretrained(path) if (path / "processor_config.json").is_file() else None
     return model, processor
+
+
+def _from_pretrained_checked(path: Path, kwargs: dict) -> FlorenceVLForConditionalGeneration:
+    """`from_pretrained`, except that weights which do not fit are an error naming them, never a model with
+    silently re-initialised parts; an unreadable or pickled weight file is refused with what to do instead."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from model.convert import CheckpointError
+
+    try:
+        model, info = FlorenceVLForConditionalGeneration.from_pretrained(
+            path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load the weights in {path}: pytorch_model.bin is not a plain tensor file (it cannot be read "
+            "with torch.load(weights_only=True)); unpickling it could run arbitrary code. Save the model again with "
+            "save_model / `fvl train` (safetensors), or convert the file on a machine you trust") from None
+    except SafetensorError as exc:
+        raise CheckpointError(f"the weights in {path} are unreadable ({exc}); model.safetensors is truncated or corrupt "
+                              "- copy or save the model again") from None
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"missing tensors: {', '.join(sorted(info['missing_keys'])[:8])}")
+    if info["unexpected_keys"]:
+        problems.append(f"unexpected tensors: {', '.join(sorted(info['unexpected_keys'])[:8])}")
+    if info["mismatched_keys"]:
+        problems.append("wrong shapes: " + ", ".join(f"{k} is {tuple(a)} in the file but {tuple(b)} in the model"
+                                                     for k, a, b in sorted(info["mismatched_keys"])[:8]))
+    if problems:
+        raise CheckpointError(f"the weights in {path} do not fit its config.json ({'; '.join(problems)}); the "
+                              "checkpoint is incomplete or belongs to another model - save or convert it again")
+    return model

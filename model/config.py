@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 
 from transformers import AutoConfig, BartConfig, LlamaConfig, Phi3Config, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -99,6 +100,15 @@ class FlorenceVLConfig(PreTrainedConfig):
             d_model = self.vision_config.text_config.d_model
             if proj != d_model:
                 raise ValueError(f"Florence-2 projection_dim ({proj}) must equal the BART d_model ({d_model})")
+            self.check_position_limits()
+
+    def check_position_limits(self, image_size: int | None = None) -> None:
+        """Refuse an image size the Florence-2 position tables cannot hold (ValueError naming the limit)."""
+        if self.encoder_type != "florence2":
+            return
+        ids = self.prompt_token_ids or {}
+        lengths = [len(ids[n]) for n in self.prompts if n in ids] or ([1] if self.prompts else [0])
+        check_florence2_positions(self.vision_config, image_size or self.image_size, max(lengths))
 
     # ---- derived quantities -------------------------------------------------------------------
     @property
@@ -141,6 +151,33 @@ class FlorenceVLConfig(PreTrainedConfig):
         for key in ("transformers_version", "preset", "_name_or_path", "architectures", "dtype"):
             d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_florence2_positions(florence2_config, image_size: int, prompt_len: int = 0) -> None:
+    """Florence-2 has two hard position limits; past them its embedding lookups fail with a bare IndexError.
+
+    * the 2-D image position table (`vision_config.max_position_embeddings`, 50 rows per axis): the patch
+      grid side must fit, i.e. image side <= 50 * 32 = 1600 px at Florence-2's total stride 32;
+    * the BART encoder's learned positions (`text_config.max_position_embeddings`, 1024): the image tokens
+      (grid^2 + the global token) plus the longest task prompt must fit (image side <= 992 px for 14-token prompts).
+    """
+    vc, tc = florence2_config.vision_config, florence2_config.text_config
+    if image_size < 1:
+        raise ValueError(f"image_size={image_size} must be a positive number of pixels")
+    side, stride = image_size, 1
+    for s in vc.patch_stride:
+        side, stride = (side + s - 1) // s, stride * s
+    table = vc.max_position_embeddings
+    if side > table:
+        raise ValueError(f"image_size={image_size} gives a {side}x{side} patch grid, but Florence-2's 2-D image position "
+                         f"table has {table} entries per axis (max_position_embeddings={table}); at stride {stride} the "
+                         f"image side must be <= {table * stride} px - use a smaller image_size")
+    n_img, limit = side * side + 1, tc.max_position_embeddings
+    if prompt_len and n_img + prompt_len > limit:
+        best = math.isqrt(max(limit - 1 - prompt_len, 0)) * stride
+        raise ValueError(f"image_size={image_size} gives {n_img} image tokens; with at least {prompt_len} task-prompt tokens "
+                         f"the Florence-2 BART encoder needs {n_img + prompt_len} positions but has {limit} "
+                         f"(max_position_embeddings={limit}); use image_size <= {best}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -412,12 +412,11 @@ def convert_florence2(state_dict: dict[str, torch.Tensor], config: dict | None, 
             _add_image_token(tokenizer)
             report.added.append(f"{IMAGE_TOKEN} token added to the Florence-2 tokenizer")
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    elif remote or not (0 <= f2_config.image_token_id < rows):
-        image_id = rows if remote else f2_config.image_token_id
-    else:
-        image_id = f2_config.image_token_id
-    if remote and tokenizer is None:
+    elif remote:  # the remote-code vocabulary has no <image>: it becomes the id after the last row
+        image_id = rows
         report.added.append(f"{IMAGE_TOKEN} = id {image_id} (no tokenizer given: the id after the last row)")
+    else:  # native checkpoints carry it already
+        image_id = f2_config.image_token_id
     new_rows = padded_size(max(rows, image_id + 1))
     if new_rows != rows:
         for k in _EMBEDDING_KEYS:
@@ -487,6 +486,9 @@ def build_and_load(model_cls, config, state_dict: dict[str, torch.Tensor], sourc
         if alias not in state_dict and src in state_dict:
             state_dict[alias] = state_dict[src]
     missing = check_keys(expected, state_dict, source, allow_missing)
+    if dtype is None:  # like transformers' dtype="auto": keep what the checkpoint stores
+        dtype = stored_dtype(state_dict)
+    config.dtype = dtype
     with _default_dtype(dtype):
         if missing:
             model = model_cls(config)
@@ -504,6 +506,15 @@ def build_and_load(model_cls, config, state_dict: dict[str, torch.Tensor], sourc
     if missing:
         logger.warning("%s: %d tensors missing and left randomly initialised: %s", source, len(missing), _abbrev(missing))
     return model.eval()
+
+
+def stored_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's elements (float32 when none is floating)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state_dict.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def _tied_aliases(model) -> dict[str, str]:
@@ -585,6 +596,11 @@ def _load_tokenizer(directory: Path | None, trust_remote_code: bool):
     hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        hint = ("" if trust_remote_code else "; if it needs the checkpoint's own code, review that code and pass "
+                "--trust-remote-code (trust_remote_code=True)")
+        raise CheckpointError(f"the tokenizer files in {directory} could not be loaded ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}){hint}; or remove them to convert without a processor") from None
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -716,6 +732,10 @@ def convert_florence_vl(src: Path, *, tokens: int = 577, vision_tower: str | Pat
     if "language_model.lm_head.weight" not in ours and getattr(llm_config, "tie_word_embeddings", False):
         ours["language_model.lm_head.weight"] = ours["language_model.model.embed_tokens.weight"]
     llm_tokenizer = _load_tokenizer(src, trust_remote_code)
+    if getattr(llm_config, "pad_token_id", None) is None and llm_tokenizer is not None \
+            and llm_tokenizer.pad_token_id is not None:
+        llm_config.pad_token_id = llm_tokenizer.pad_token_id  # LLaVA added <pad> to Llama-3 (inferred)
+        report.notes.append(f"LLM pad_token_id {llm_config.pad_token_id} taken from the tokenizer")
     image_token_id = _llm_image_token(ours, llm_config, llm_tokenizer, report)
     d_model = f2_config.text_config.d_model
     mm_hidden = int(cfg.get("mm_hidden_size", d_model))

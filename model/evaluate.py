@@ -189,7 +189,8 @@ def florence2_generate(florence2, tokenizer, pixel_values: torch.Tensor, task: s
     prompt = torch.tensor([task_prompt_ids(tokenizer, task)] * pixel_values.shape[0])
     embeds, mask = Florence2Task(florence2).encoder_inputs(pixel_values, torch.arange(pixel_values.shape[0]), prompt,
                                                            torch.ones_like(prompt))
-    out = florence2.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+    encoder_outputs = florence2.model.language_model.encoder(inputs_embeds=embeds, attention_mask=mask)
+    out = florence2.generate(encoder_outputs=encoder_outputs, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, num_beams=1)
     texts = tokenizer.batch_decode(out, skip_special_tokens=True)
     return [_LOC_SPACES.sub(r"\1", t).strip() for t in texts]

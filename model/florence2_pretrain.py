@@ -25,8 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import FLORENCE2_TASK_PROMPTS
 from model.processing import IGNORE_INDEX
-from model.train import (FINAL_DIR, LoopHooks, StageData, TrainConfig, finish_stage, load_weights_into, run_loop,
-                         token_loss_sum)
+from model.train import FINAL_DIR, LoopHooks, StageData, TrainConfig, finish_stage, load_weights_into, run_loop
 
 # Caption, OCR and region tasks, as the synthetic data writes them.
 DEFAULT_TASKS: tuple[str, ...] = ("<CAPTION>", "<DETAILED_CAPTION>", "<OCR>", "<OD>", "<DENSE_REGION_CAPTION>")
@@ -100,15 +99,34 @@ class Florence2Task(nn.Module):
                                      device=prompt_mask.device), prompt_mask], dim=1)
         return embeds, mask
 
-    def forward(self, pixel_values, row_image, prompt_ids, prompt_mask, labels) -> torch.Tensor:
+    def forward(self, pixel_values, row_image, prompt_ids, prompt_mask, labels, row_task=None) -> torch.Tensor:
+        """Summed token loss. Rows of one task share a prompt and have similar target lengths, so they
+        run through the encoder-decoder together (little padding); the LM head runs only where a label
+        is, which skips most of the (vocabulary-sized) logits of padded positions."""
         from transformers.models.florence2.modeling_florence2 import shift_tokens_right
 
-        embeds, mask = self.encoder_inputs(pixel_values, row_image, prompt_ids, prompt_mask)
-        tcfg = self.florence2.config.text_config
-        decoder_input_ids = shift_tokens_right(labels, tcfg.pad_token_id, tcfg.decoder_start_token_id)
-        logits = self.florence2(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids,
-                                use_cache=False).logits
-        return token_loss_sum(logits, labels, shift=False)
+        f2 = self.florence2
+        image = f2.model.get_image_features(pixel_values).pooler_output  # (B, N, D): DaViT once per image
+        tcfg = f2.config.text_config
+        groups = [torch.arange(len(row_image), device=row_image.device)] if row_task is None else \
+            [torch.nonzero(row_task == t).flatten() for t in torch.unique(row_task).tolist()]
+        total = image.new_zeros((), dtype=torch.float32)
+        for rows in groups:
+            p_mask = prompt_mask[rows]
+            width = int(p_mask.sum(1).max())
+            lab = labels[rows]
+            lab = lab[:, :int((lab != IGNORE_INDEX).sum(1).max())]
+            prompt = f2.get_input_embeddings()(prompt_ids[rows, :width]).to(image.dtype)
+            embeds = torch.cat([image[row_image[rows]], prompt], dim=1)
+            mask = torch.cat([torch.ones(len(rows), image.shape[1], dtype=p_mask.dtype, device=p_mask.device),
+                              p_mask[:, :width]], dim=1)
+            dec_in = shift_tokens_right(lab, tcfg.pad_token_id, tcfg.decoder_start_token_id)
+            hidden = f2.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec_in,
+                              use_cache=False).last_hidden_state
+            keep = lab != IGNORE_INDEX
+            logits = f2.lm_head(hidden[keep])
+            total = total + torch.nn.functional.cross_entropy(logits.float(), lab[keep], reduction="sum")
+        return total
 
 
 def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,21 +142,23 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, t
 def florence2_stage_data(samples: Sequence[Florence2Sample], processor) -> StageData:
     tok = processor.florence2_tokenizer
     prompts = {t: task_prompt_ids(tok, t) for s in samples for t in s.tasks}
+    task_index = {t: k for k, t in enumerate(sorted(prompts))}
     counts = [sum(len(t) for t in s.targets) for s in samples]
 
     def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
         chosen = [samples[i] for i in idx]
-        row_image, prompt_rows, target_rows = [], [], []
+        row_image, row_task, prompt_rows, target_rows = [], [], [], []
         for b, s in enumerate(chosen):
             for task, target in zip(s.tasks, s.targets):
                 row_image.append(b)
+                row_task.append(task_index[task])
                 prompt_rows.append(prompts[task])
                 target_rows.append(target)
         prompt_ids, prompt_mask = pad_rows(prompt_rows, tok.pad_token_id)
         labels, _ = pad_rows(target_rows, IGNORE_INDEX)
         return {"pixel_values": processor.images([s.image for s in chosen]),
                 "row_image": torch.tensor(row_image, dtype=torch.long), "prompt_ids": prompt_ids,
-                "prompt_mask": prompt_mask, "labels": labels}
+                "prompt_mask": prompt_mask, "labels": labels, "row_task": torch.tensor(row_task, dtype=torch.long)}
 
     return StageData(len(samples), make_batch, counts.__getitem__, f"{len(samples)} images")
 

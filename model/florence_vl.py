@@ -74,7 +74,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
         if is_official_checkpoint(pretrained_model_name_or_path):
             return load_official_model(pretrained_model_name_or_path, *args, **kwargs)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.restore_buffers()
+        (model[0] if isinstance(model, tuple) else model).restore_buffers()  # tuple: output_loading_info=True
         return model
 
     def restore_buffers(self) -> None:

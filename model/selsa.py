@@ -126,14 +126,31 @@ def _pixels(frames: np.ndarray) -> Tensor:
     return x.movedim(-1, -3)
 
 
-def selsa_experiment(num_classes: int = 4, train_videos_per_class: int = 100, test_videos_per_class: int = 16,
+def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Per-frame random flip, 90-degree rotation and RGB channel permutation of (..., 3, H, W) frames.
+
+    Why: the class (shape) is invariant to all three, while a video's colours are nuisance that a tiny
+    CNN otherwise memorises (it fits even the degraded training frames by recognising the video)."""
+    shape = x.shape
+    x = x.reshape(-1, *shape[-3:])
+    n = len(x)
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    k = torch.randint(0, 4, (n,), generator=gen)
+    x = torch.stack([torch.rot90(img, int(r), (-2, -1)) for img, r in zip(x, k)]) if x.shape[-1] == x.shape[-2] else x
+    perm = torch.argsort(torch.rand(n, 3, generator=gen), dim=1)
+    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    return x.reshape(shape)
+
+
+def selsa_experiment(num_classes: int = 4, train_videos_per_class: int = 150, test_videos_per_class: int = 16,
                      frames: int = 8, size: int = 32, degrade_fraction: float = 0.5, train_refs: int = 2,
                      steps: int = 300, batch_videos: int = 16, width: int = 32, lr: float = 3e-3, seed: int = 0,
                      num_threads: int | None = None, progress: bool = True) -> dict:
     """Train a tiny frame encoder + classifier with and without SELSA, on synthetic moving-shape videos
     whose frames are degraded (blur + occlusion + noise) with probability `degrade_fraction`.
 
-    Training: each step samples `batch_videos` videos and 1 + `train_refs` random frames from each; the
+    Training (frames randomly flipped, rotated by 90 degrees, channel-permuted): each step samples `batch_videos` videos and 1 + `train_refs` random frames from each; the
     single-frame model classifies each frame alone, the SELSA model aggregates each frame with the other
     sampled frames of its video (the paper trains with 2 references). Both see the same frames, labels
     (class = shape) and initial encoder weights. Test (held-out videos, fresh seed): the SELSA model uses
@@ -180,7 +197,7 @@ def _selsa_experiment(num_classes, train_videos_per_class, test_videos_per_class
         for _ in tqdm(range(steps), desc=f"selsa-exp {name}", disable=not progress):
             vids = torch.randperm(len(x_train), generator=gen)[:batch_videos]
             order = torch.argsort(torch.rand(len(vids), frames, generator=gen), dim=1)[:, : 1 + train_refs]
-            batch = x_train[vids[:, None], order]  # (B, 1+R, 3, H, W)
+            batch = _augment(x_train[vids[:, None], order], gen)  # (B, 1+R, 3, H, W)
             logits, _ = model(batch)
             labels = y_train[vids][:, None].expand(-1, order.shape[1])
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())

@@ -277,20 +277,42 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
     return final
 
 
+def _damaged(path: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"cannot resume from {path}: the file is missing, truncated, or not a plain tensor file "
+                      f"({type(exc).__name__}; only plain tensors are ever read: torch.load(weights_only=True)). "
+                      f"Delete {path.parent} to resume from an earlier checkpoint, or start again with a new --out")
+
+
+def _load_tensors_file(path: Path):
+    """`torch.load(weights_only=True)`, with a clear error naming the file instead of a bare UnpicklingError."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError (code in the pickle), RuntimeError (truncated zip), OSError
+        raise _damaged(path, exc) from None
+
+
 def load_weights_into(module: nn.Module, path: Path) -> None:
     """Load a safetensors file written by save_pretrained into `module` in place; only tied weights
     (stored once) may be missing."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(path))
-    result = module.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise _damaged(path, exc) from None
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise ValueError(f"checkpoint {path} does not fit the model ({str(exc).strip().splitlines()[-1].strip()}); "
+                         "resume with the same model and stage, or use a new --out") from None
     tied = set()
     for name in getattr(module, "all_tied_weights_keys", {}) or {}:
         tied.add(name)
     tied |= set(getattr(module, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}; resume with the same model and stage")
 
 
@@ -361,11 +383,11 @@ def run_loop(task: nn.Module, data: StageData, cfg: TrainConfig, hooks: LoopHook
                              f"{state.get('n_samples')} samples, this run has {n_steps} over {data.n}; resume "
                              "with the same data and schedule, or use a new --out")
         hooks.load_weights(ckpt)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        optimizer.load_state_dict(_load_tensors_file(ckpt / "optimizer.pt"))
+        scheduler.load_state_dict(_load_tensors_file(ckpt / "scheduler.pt"))
         rng_file = ckpt / f"rng-rank{rank}.pt"
         if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            _set_rng_state(_load_tensors_file(rng_file))
         start = int(state["step"])
         history = list(state.get("history", []))
     if out is not None and dist_info.is_main:
@@ -444,8 +466,13 @@ def _rewrite_metrics(path: Path, keep_until: int) -> None:
     """After a resume, drop metric rows past the checkpoint (they will be written again)."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= keep_until]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= keep_until:
+                rows.append(line)
+        except json.JSONDecodeError:  # a line torn by a crash mid-write: it is written again
+            continue
     path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -622,6 +649,10 @@ def train_stage(model, processor, dataset: str | Path | Sequence[VLMSample], con
         samples = load_vlm_samples(processor, dataset, template, image_folder, cfg.max_length)
     else:
         samples = list(dataset)
+    if cfg.stage != "pretrain":
+        # The saved model remembers its chat template, so generation and evaluation use the right one.
+        model.config.template = template
+        processor.template = template
     model.set_trainable(vision=cfg.tune_vision, projector=cfg.tune_projector, llm=cfg.tune_llm)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import Florence2MultiModalProjector, Florence2VisionBackbone
 
+from model.config import check_florence2_positions
+
 
 class Florence2DepthBreadth(nn.Module):
     """Florence-2 vision tower + BART encoder producing {"depth": V, prompt_name: V'_k, ...}."""
@@ -84,6 +86,9 @@ class Florence2DepthBreadth(nn.Module):
 
     def depth(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """V = Florence-2 projected image tokens, (B, 1 + h*w, D), global token first."""
+        # A clear ValueError naming the limit instead of an IndexError deep inside an embedding lookup.
+        prompt_len = self.prompt_ids.shape[1] if self.prompt_ids.shape[0] else 0
+        check_florence2_positions(self.config, max(pixel_values.shape[-2:]), prompt_len)
         feats = self.vision_tower(pixel_values).last_hidden_state
         return self.multi_modal_projector(feats)
 

@@ -1,0 +1,43 @@
+"""Analyses that read stored features: linear probes, similarity, projections, heatmap probes,
+stream contributions, alignment, attribution, and the figures for all of them.
+
+Names are imported lazily (PEP 562), so ``import probes`` is instant and never pulls in torch,
+matplotlib or umap until a name that needs them is used.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "linear": ["probe_matrix", "probe", "ProbeMatrix", "ProbeResult", "grouped_kfold", "control_labels",
+               "detect_task", "pool_tokens", "batched_lbfgs", "DEFAULT_CS"],
+    "similarity": ["cka", "linear_cka", "minibatch_cka", "cka_matrix", "split_global", "token_cosine_map",
+                   "difference_maps", "pairwise_stream_cka"],
+    "projection": ["pca_rgb", "pca_rgb_many", "PcaRgb", "otsu_threshold", "embed_2d", "Embedding"],
+    "contributions": ["shapley_values", "shapley_from_table", "ShapleyResult"],
+    "heatmap": ["DeconvHead", "JointsMSELoss", "gaussian_targets", "decode_heatmaps", "flip_back", "flip_test",
+                "pck", "train_heatmap_probe", "to_heatmap_coords", "to_image_coords"],
+    "plots": ["save", "plot_probe_matrix", "plot_regularisation_curve", "plot_confusion", "plot_cka_matrix",
+              "plot_pca_rgb_grid", "plot_difference_maps", "plot_embedding", "plot_umap", "plot_shapley",
+              "plot_loss_curves", "plot_attribution_overlay", "plot_pck_bars"],
+}
+_SUBMODULES = ("linear", "similarity", "projection", "contributions", "heatmap", "plots", "alignment",
+               "attribution", "streams")
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE) + list(_SUBMODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -274,10 +274,15 @@ def _pixel_baseline(baseline: str | float | torch.Tensor, like: torch.Tensor) ->
 
 
 def pixel_attribution(model, pixel_values: torch.Tensor, score_fn: Callable[[torch.Tensor], torch.Tensor], *,
-                      method: str = "ig", steps: int = 32, baseline: str | float | torch.Tensor = "mean",
+                      method: str = "ig", steps: int = 32, baseline: str | float | torch.Tensor = "black",
                       internal_batch_size: int = 8, window: int | None = None, stride: int | None = None,
                       orig_size: tuple[int, int] | None = None) -> PixelAttribution:
     """Attribute `score_fn(pixel_values)` (one image, (1, 3, H, W)) to the pixels.
+
+    The default baseline is a black image. The mean-colour baseline (all zeros after normalisation)
+    is offered but is a poor path start for DaViT: the straight path from zero is a rescaling of the
+    image, to which the LayerNorm after the first patch embedding is nearly blind, so the score jumps
+    right next to the baseline and the integral (and its delta) do not converge with more steps.
 
     method "ig": captum IntegratedGradients (Gauss-Legendre, `steps` points, `internal_batch_size`
     images per forward), with the completeness delta. method "occlusion": captum Occlusion with a
@@ -339,7 +344,7 @@ def stream_slices(model) -> dict[str, tuple[int, int, int]]:
 
 def stream_attribution(model, pixel_values: torch.Tensor, score: AnswerScore, *, steps: int = 32,
                        baseline: str = "zero", mean_features: Mapping[str, Any] | None = None,
-                       pixel_baseline: str | float | torch.Tensor = "mean",
+                       pixel_baseline: str | float | torch.Tensor = "black",
                        internal_batch_size: int = 8) -> StreamAttribution:
     """Share of each fusion stream in `score` for one image (captum LayerIntegratedGradients on
     `model.fusion.hook_input`).
@@ -349,6 +354,9 @@ def stream_attribution(model, pixel_values: torch.Tensor, score: AnswerScore, *,
     given, from the stream's own mean over tokens (keeps the stream's average, removes where things
     are); "image": from `pixel_baseline` pushed through the whole model (the vision tower runs per
     step). Streams are computed by `model.image_streams`, so `ablate`/`patch` contexts apply.
+    From zero streams the path passes near all-zero image tokens, where the LLM's RMSNorm is steep
+    (exactly so for a projector with zero biases, as at initialisation): use 64+ steps and check
+    `relative_delta`.
     """
     from captum.attr import LayerIntegratedGradients
 
@@ -417,7 +425,7 @@ def token_grid(values: np.ndarray, has_global: bool = True) -> np.ndarray:
 
 
 def attribute_answer(model, processor, image: Any, question: str, answer: str, *, method: str = "ig",
-                     steps: int = 32, score: str = "logit", pixel_baseline: str | float = "mean",
+                     steps: int = 32, stream_steps: int = 64, score: str = "logit", pixel_baseline: str | float = "black",
                      stream_baseline: str = "zero", internal_batch_size: int = 8, streams: bool = True,
                      window: int | None = None, stride: int | None = None) -> dict[str, Any]:
     """Pixels and streams for one (image, question, answer): {"pixels": PixelAttribution,
@@ -432,12 +440,63 @@ def attribute_answer(model, processor, image: Any, question: str, answer: str, *
                                orig_size=tuple(img.size))
     by_stream = None
     if streams and model.config.encoder_type == "florence2" and model.config.fusion in ("channel", "token"):
-        by_stream = stream_attribution(model, px, target, steps=steps, baseline=stream_baseline,
+        by_stream = stream_attribution(model, px, target, steps=stream_steps, baseline=stream_baseline,
                                        pixel_baseline=pixel_baseline, internal_batch_size=internal_batch_size)
     return {"pixels": pixels, "streams": by_stream}
 
 
+def plot_attribution(pixels: PixelAttribution, streams: StreamAttribution | None = None, path: Any = None,
+                     has_global: bool = True):
+    """One figure: the model's input image, |pixel attribution| over it, the stream shares and each
+    stream's per-token |attribution| map. Saved as PNG when `path` is given; returns the figure.
+    (Kept here: probes.plots has no figure that combines pixel and stream attributions.)"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_maps = len(streams.streams) if streams is not None else 0
+    cols = 2 + (1 if streams is not None else 0) + n_maps
+    fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 2.9))
+    axes = np.atleast_1d(axes)
+    img = pixels.image if pixels.image is not None else np.zeros((*pixels.heat.shape, 3), np.uint8)
+    axes[0].imshow(img)
+    axes[0].set_title("input", fontsize=9)
+    heat = np.abs(pixels.heat)
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    axes[1].imshow(img)
+    axes[1].imshow(heat, cmap="inferno", alpha=0.6)
+    delta = "" if pixels.delta is None else f"\nrel. delta {pixels.relative_delta:.1e}"
+    axes[1].set_title(f"|{pixels.method}| on pixels{delta}", fontsize=9)
+    if streams is not None:
+        ax = axes[2]
+        ax.bar(range(len(streams.streams)), [streams.shares[s] for s in streams.streams], color="tab:blue")
+        ax.set_xticks(range(len(streams.streams)), streams.streams, rotation=30, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"stream shares\nrel. delta {streams.relative_delta:.1e}", fontsize=9)
+        vmax = max(float(m.max()) for m in streams.token_maps.values()) or 1.0
+        for k, s in enumerate(streams.streams):
+            ax = axes[3 + k]
+            try:
+                ax.imshow(token_grid(streams.token_maps[s], has_global), cmap="viridis", vmin=0, vmax=vmax)
+            except AttributionError:  # token concat / unusual layouts: show the raw token profile
+                ax.plot(streams.token_maps[s])
+            ax.set_title(f"{s} per token", fontsize=9)
+    for ax in axes:
+        if ax.images:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    t = pixels.target
+    if t.get("kind") == "answer":
+        fig.suptitle(f"{t['score']} of {t['first_token']!r} for answer {t['answer']!r}", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
 __all__: Sequence[str] = [
     "AnswerScore", "AttributionError", "PixelAttribution", "ProbeScore", "StreamAttribution", "attribute_answer",
-    "linear_probe", "pixel_attribution", "stream_attribution", "stream_slices", "to_display_image", "token_grid",
+    "linear_probe", "pixel_attribution", "plot_attribution", "stream_attribution", "stream_slices", "to_display_image", "token_grid",
 ]

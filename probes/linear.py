@@ -149,106 +149,118 @@ def pool_tokens(x: np.ndarray, how: str = "mean") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- batched L-BFGS
-def batched_lbfgs(fun: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], theta: torch.Tensor,
-                  sum_dims: tuple[int, ...], *, max_iter: int = 100, tol: float = 1e-4,
-                  memory: int = 10, max_ls: int = 25) -> tuple[torch.Tensor, dict]:
-    """Minimise many independent smooth problems stacked in one tensor.
+def batched_lbfgs(fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                  theta: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-4, memory: int = 10,
+                  max_ls: int = 25) -> tuple[torch.Tensor, dict]:
+    """Minimise P independent smooth problems stacked along dim 0 of ``theta`` (P, ...).
 
-    ``fun(theta) -> (f, g)``: ``f`` holds one value per problem with ``sum_dims`` kept as size-1
-    dims, ``g`` the gradient shaped like ``theta``; the dims in ``sum_dims`` are a problem's
-    parameters, the others index problems. Each problem has its own L-BFGS history, Armijo
-    backtracking step and stopping test (max |g| <= tol), so easy problems stop early and a
-    hard one does not slow the others' convergence, only the shared matrix products.
+    ``fun(theta_sub, idx) -> (f, g)`` evaluates only the problems ``idx`` (a LongTensor; ``theta_sub``
+    is ``theta[idx]``) and returns their values (len(idx),) and gradients shaped like theta_sub.
+    Every problem has its own L-BFGS history, Armijo backtracking step and stopping test
+    (max |g| <= tol, or no measurable decrease at this precision); converged problems drop out
+    of the batch, so each iteration only pays for the problems still moving.
     """
-    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return (a * b).sum(dim=sum_dims, keepdim=True)
-
-    def gmax(g: torch.Tensor) -> torch.Tensor:
-        return g.abs().amax(dim=sum_dims, keepdim=True)
-
-    ftol = 10 * torch.finfo(theta.dtype).eps
-    f, g = fun(theta)
-    S_hist: list[torch.Tensor] = []
-    Y_hist: list[torch.Tensor] = []
-    R_hist: list[torch.Tensor] = []
-    gamma = torch.ones_like(f)
-    first = torch.ones_like(f, dtype=torch.bool)
-    active = gmax(g) > tol
-    n_iter = 0
+    P = theta.shape[0]
+    shape = theta.shape
+    x = theta.reshape(P, -1).clone()
+    ftol = 10 * torch.finfo(x.dtype).eps
+    everyone = torch.arange(P)
+    f, g = fun(theta, everyone)
+    g = g.reshape(P, -1).clone()
+    m = x.shape[1]
+    S_h = torch.zeros(memory, P, m, dtype=x.dtype)
+    Y_h = torch.zeros(memory, P, m, dtype=x.dtype)
+    R_h = torch.zeros(memory, P, dtype=x.dtype)   # rho = 1 / s.y; 0 marks an empty or skipped slot
+    gamma = torch.ones(P, dtype=x.dtype)
+    first = torch.ones(P, dtype=torch.bool)
+    active = g.abs().amax(1) > tol
+    n_iter = evals = 0
     for n_iter in range(1, max_iter + 1):
-        if not bool(active.any()):
+        A = torch.nonzero(active).squeeze(1)
+        if A.numel() == 0:
             n_iter -= 1
             break
-        q = g.clone()
+        gA, xA, fA = g[A], x[A], f[A]
+        used = min(n_iter - 1, memory)
+        slots = [(n_iter - 2 - j) % memory for j in range(used)]  # newest first
+        everyone_active = A.numel() == P   # then plain views, no gathers
+
+        def hist(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if everyone_active:
+                return S_h[j], Y_h[j], R_h[j]
+            return S_h[j, A], Y_h[j, A], R_h[j, A]
+
+        q = gA.clone()
         alphas = []
-        for s, y, r in zip(reversed(S_hist), reversed(Y_hist), reversed(R_hist)):
-            a = r * dot(s, q)
-            q -= a * y
+        pairs = [hist(j) for j in slots]
+        for s_j, y_j, r_j in pairs:
+            a = r_j * (s_j * q).sum(1)
+            q -= a.unsqueeze(1) * y_j
             alphas.append(a)
-        q *= gamma
-        for (s, y, r), a in zip(zip(S_hist, Y_hist, R_hist), reversed(alphas)):
-            b = r * dot(y, q)
-            q += (a - b) * s
+        q *= gamma[A].unsqueeze(1)
+        for (s_j, y_j, r_j), a in zip(reversed(pairs), reversed(alphas)):
+            b = r_j * (y_j * q).sum(1)
+            q += (a - b).unsqueeze(1) * s_j
         d = -q
-        gd = dot(g, d)
-        bad = gd >= 0  # not a descent direction (numerical trouble): fall back to steepest descent
+        gd = (gA * d).sum(1)
+        bad = gd >= 0  # not a descent direction (numerical trouble): steepest descent instead
         if bool(bad.any()):
-            d = torch.where(bad, -g, d)
-            gd = dot(g, d)
-        # first step of a problem: scale so the step has unit max-norm (as scipy does)
-        t = torch.where(first, 1.0 / gmax(g).clamp_min(1e-12), torch.ones_like(f)).clamp(max=1.0)
-        t = torch.where(active, t, torch.zeros_like(t))
+            d[bad] = -gA[bad]
+            gd = (gA * d).sum(1)
+        # a problem's first step has unit max-norm (as scipy's L-BFGS-B does)
+        t = torch.where(first[A], 1.0 / gA.abs().amax(1).clamp_min(1e-12), torch.ones_like(fA)).clamp(max=1.0)
+        x_new, f_new, g_new = xA.clone(), fA.clone(), gA.clone()
+        todo = torch.arange(A.numel())
         for _ in range(max_ls):
-            theta_new = theta + t * d
-            f_new, g_new = fun(theta_new)
-            ok = (f_new <= f + 1e-4 * t * gd) | ~active
-            if bool(ok.all()):
+            xt = xA[todo] + t[todo].unsqueeze(1) * d[todo]
+            ft, gt = fun(xt.view(-1, *shape[1:]), A[todo])
+            evals += 1
+            ok = ft <= fA[todo] + 1e-4 * t[todo] * gd[todo]
+            x_new[todo[ok]], f_new[todo[ok]], g_new[todo[ok]] = xt[ok], ft[ok], gt.reshape(len(todo), -1)[ok]
+            todo = todo[~ok]
+            if todo.numel() == 0:
                 break
-            t = torch.where(ok, t, t * 0.5)
-        else:  # problems that found no decrease stop where they are
-            stuck = ~ok
-            t = torch.where(stuck, torch.zeros_like(t), t)
-            theta_new = theta + t * d
-            f_new, g_new = fun(theta_new)
-            active = active & ~stuck
-        s = theta_new - theta
-        y = g_new - g
-        sy = dot(s, y)
-        good = (sy > 1e-10) & active
-        rho = torch.where(good, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))
-        gamma = torch.where(good, sy / dot(y, y).clamp_min(1e-20), gamma)
-        S_hist.append(torch.where(good, s, torch.zeros_like(s)))
-        Y_hist.append(torch.where(good, y, torch.zeros_like(y)))
-        R_hist.append(rho)
-        if len(S_hist) > memory:
-            S_hist.pop(0), Y_hist.pop(0), R_hist.pop(0)
-        # stop on a small gradient, or when f no longer changes measurably at this precision
-        flat = (f - f_new).abs() <= ftol * f.abs().clamp_min(1.0)
-        first = first & ~active
-        theta, f, g = theta_new, f_new, g_new
-        active = active & (gmax(g) > tol) & ~flat
-    info = {"n_iter": int(n_iter), "converged": float((gmax(g) <= tol).float().mean())}
-    return theta, info
+            t[todo] *= 0.5
+        stuck = torch.zeros(A.numel(), dtype=torch.bool)
+        stuck[todo] = True          # no decrease found: the problem stays where it is and stops
+        s = x_new - xA
+        y = g_new - gA
+        sy = (s * y).sum(1)
+        good = (sy > 1e-10) & ~stuck
+        slot = (n_iter - 1) % memory
+        S_h[slot, A] = s
+        Y_h[slot, A] = y
+        R_h[slot] = 0.0
+        R_h[slot, A] = torch.where(good, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))
+        gamma[A] = torch.where(good, sy / (y * y).sum(1).clamp_min(1e-20), gamma[A])
+        flat = (fA - f_new).abs() <= ftol * fA.abs().clamp_min(1.0)
+        first[A] = False
+        x[A], f[A], g[A] = x_new, f_new, g_new
+        active[A] = ~stuck & ~flat & (g_new.abs().amax(1) > tol)
+    info = {"n_iter": int(n_iter), "evals": int(evals),
+            "converged": float((g.abs().amax(1) <= tol).float().mean())}
+    return x.view(shape), info
 
 
 # --------------------------------------------------------------------------- split preparation
 @dataclass
 class _Design:
     """The features each split sees: standardised with that split's train statistics and
-    (optionally) projected on its train PCA basis; the solver only ever asks for products with
-    a stack of per-split weights, so the layout can follow what is cheapest.
+    (optionally) projected on its train PCA basis. The solver works on flattened problems
+    (one per split x target x C) and only asks for products of the features with a stack of
+    per-problem weights, so the storage follows what is cheapest:
 
-    * ``shared`` (no PCA): one centred copy of X (n, d) for all splits; standardisation is folded
-      into the weights, so each solver step is ONE wide matrix product X @ (d, S*Q) that stays in
-      cache. Logits are laid out rows-first (n, S, Q); non-train rows get weight 0.
-    * ``packed`` (PCA): each split's projected train rows (S, m, p), padded to the largest split;
-      logits are split-first (S, m, Q).
+    * ``shared`` (no PCA): one centred copy of X (n, d) for every split; the standardisation is
+      folded into the weights, so a solver step is ONE wide matrix product X @ (d, P*K) that
+      stays in cache; rows outside a problem's training set get weight 0.
+    * ``packed`` (PCA): each split's projected training rows (S, m, p), padded to the largest
+      split; one matrix product per split.
     """
     x: torch.Tensor              # (n, d) globally centred features
     mu: torch.Tensor             # (S, d) train means
     inv_sd: torch.Tensor         # (S, d) 1 / train std (0 for constant features)
     train: torch.Tensor          # (S, n) bool
-    basis: torch.Tensor | None   # (S, d, p) PCA basis (packed layout), or None (shared layout)
+    basis: torch.Tensor | None   # (S, d, p) PCA basis (packed), or None (shared)
     rows: torch.Tensor | None    # (S, m) row index of each packed train row (0 for padding)
     row_ok: torch.Tensor | None  # (S, m) False on padding
     z: torch.Tensor | None       # (S, m, p) packed train features
@@ -271,32 +283,42 @@ class _Design:
         out = (self.x - self.mu[s]) * self.inv_sd[s]
         return out if self.basis is None else out @ self.basis[s]
 
-    def rowwise(self, v: torch.Tensor) -> torch.Tensor:
-        """Per-row values (n, T) -> the logits' row layout: (n, 1, T) shared, (S, m, T) packed."""
-        return v.unsqueeze(1) if self.shared else v[self.rows]
+    def per_problem(self, v: torch.Tensor, s_of: torch.Tensor, t_of: torch.Tensor) -> torch.Tensor:
+        """Per-row values v (T, n) -> the rows each problem trains on, (R, P)."""
+        return (v[t_of] if self.shared else v[t_of.unsqueeze(1), self.rows[s_of]]).T
 
-    def row_weight(self) -> torch.Tensor:
-        """Which rows train each split, in the logits' row layout: (n, S, 1) or (S, m, 1)."""
-        return (self.train.T if self.shared else self.row_ok).unsqueeze(-1)
+    def train_rows(self, s_of: torch.Tensor) -> torch.Tensor:
+        """(R, P) bool: which rows train each problem."""
+        return (self.train[s_of] if self.shared else self.row_ok[s_of]).T
 
-    def apply(self, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """W (S, p, Q), b (S, Q) -> train logits, (n, S, Q) shared or (S, m, Q) packed."""
-        if not self.shared:
-            return torch.baddbmm(b.unsqueeze(1), self.z, W)
-        S, d, Q = W.shape
-        Ws = W * self.inv_sd.unsqueeze(-1)
-        b2 = b - torch.einsum("sd,sdq->sq", self.mu * self.inv_sd, W)
-        out = torch.addmm(b2.reshape(1, S * Q), self.x, Ws.permute(1, 0, 2).reshape(d, S * Q))
-        return out.view(-1, S, Q)
+    def apply(self, W: torch.Tensor, b: torch.Tensor, s_of: torch.Tensor) -> torch.Tensor:
+        """W (P, p, K), b (P, K), problem splits s_of (P,) -> training-row logits (R, P, K)."""
+        P, p, K = W.shape
+        if self.shared:
+            inv = self.inv_sd[s_of].unsqueeze(-1)
+            Ws = W * inv
+            b2 = b - torch.einsum("pd,pdk->pk", self.mu[s_of], Ws)
+            out = torch.addmm(b2.reshape(1, P * K), self.x, Ws.permute(1, 0, 2).reshape(p, P * K))
+            return out.view(-1, P, K)
+        out = torch.empty(self.z.shape[1], P, K, dtype=W.dtype)
+        for s in torch.unique(s_of).tolist():
+            sel = torch.nonzero(s_of == s).squeeze(1)
+            Wsel = W[sel].permute(1, 0, 2).reshape(p, -1)
+            out[:, sel] = torch.addmm(b[sel].reshape(1, -1), self.z[s], Wsel).view(-1, sel.numel(), K)
+        return out
 
-    def apply_T(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjoint of ``apply``: d f / d logits -> (d f / d W (S, p, Q), d f / d b (S, Q))."""
-        if not self.shared:
-            return torch.bmm(self.z.transpose(1, 2), G), G.sum(1)
-        n, S, Q = G.shape
+    def apply_T(self, G: torch.Tensor, s_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjoint of ``apply``: G (R, P, K) = d f / d logits -> (d f / d W (P, p, K), d f / d b (P, K))."""
+        R, P, K = G.shape
         gb = G.sum(0)
-        xg = (self.x.T @ G.view(n, S * Q)).view(-1, S, Q).permute(1, 0, 2)
-        return (xg - self.mu.unsqueeze(-1) * gb.unsqueeze(1)) * self.inv_sd.unsqueeze(-1), gb
+        if self.shared:
+            xg = (self.x.T @ G.view(R, P * K)).view(-1, P, K).permute(1, 0, 2)
+            return (xg - self.mu[s_of].unsqueeze(-1) * gb.unsqueeze(1)) * self.inv_sd[s_of].unsqueeze(-1), gb
+        gW = torch.empty(P, self.dim, K, dtype=G.dtype)
+        for s in torch.unique(s_of).tolist():
+            sel = torch.nonzero(s_of == s).squeeze(1)
+            gW[sel] = (self.z[s].T @ G[:, sel].reshape(R, -1)).view(-1, sel.numel(), K).permute(1, 0, 2)
+        return gW, gb
 
 
 def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
@@ -343,107 +365,117 @@ def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n
                   Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool = True
                   ) -> tuple[torch.Tensor, dict]:
     """Batched multinomial logistic regression for targets (T, n) (int class codes, -1 missing),
-    valid (T, n) and Cs (L,), on every split of ``design``. Targets are solved in buckets of equal
-    class count (no padded classes); binary targets use one logit. Returns predicted class codes
-    (S, n, T, L) and solver info."""
+    valid (T, n) and Cs (L,), on every split of ``design``. Returns predicted class codes
+    (S, n, T, L) and solver info.
+
+    Targets are grouped in buckets of equal class count (no padded classes; binary targets use
+    one logit), but all buckets run in ONE batched L-BFGS: every problem's parameters are padded
+    to the widest bucket for the optimiser's vector algebra, while each bucket's objective is
+    evaluated with its own matrix products. ``warm``: C ascending, each C warm-started from the
+    previous solution; otherwise every C at once from zero."""
     S, n = design.n_splits, design.x.shape[0]
     T, L = targets.shape[0], Cs.shape[0]
+    p = design.dim
+    ks = sorted(set(n_classes))
+    members = {k: [t for t, kk in enumerate(n_classes) if kk == k] for k in ks}
+    width = (p + 1) * max(1 if k == 2 else k for k in ks)
     pred = torch.zeros(S, n, T, L, dtype=torch.int64)
-    infos = {}
-    for k in sorted(set(n_classes)):
-        idx = [t for t, kk in enumerate(n_classes) if kk == k]
-        p_k, info = _fit_logistic_bucket(design, targets[idx], valid[idx], max(k, 2), Cs,
-                                         max_iter=max_iter, tol=tol, warm=warm)
-        pred[:, :, idx] = p_k
-        infos[f"K={k}"] = info
-    return pred, infos
+    blocks = [Cs[l:l + 1] for l in range(L)] if warm else [Cs]
+    x = None
+    infos = []
+    col = 0
+    for C in blocks:
+        parts = [_bucket_problem(design, targets[members[k]], valid[members[k]], max(k, 2), C) for k in ks]
+        sizes = [pb.P for pb in parts]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
 
-
-def _fit_logistic_bucket(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_cls: int,
-                         Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool
-                         ) -> tuple[torch.Tensor, dict]:
-    """All targets here have ``n_cls`` classes. Parameters (S, T, Lb, p + 1, K) with K = n_cls, or
-    K = 1 for binary (logit of class 1 against class 0, as scikit-learn does); the last row of
-    each (p + 1, K) block is the unpenalised intercept."""
-    S, p = design.n_splits, design.dim
-    T, L = targets.shape[0], Cs.shape[0]
-    dtype = Cs.dtype
-    binary = n_cls == 2
-    K = 1 if binary else n_cls
-    row_dim = 0 if design.shared else 1
-    y_r = design.rowwise(targets.clamp_min(0).T)                               # (R, 1|S, T) layout
-    w = design.rowwise(valid.T).to(dtype) * design.row_weight().to(dtype)      # (R, S, T) / (S, R, T)
-    count = w.sum(row_dim, keepdim=True).clamp_min(1.0)
-    w = (w / count).unsqueeze(-1).unsqueeze(-1)                                # (..., T, 1, 1)
-    count = count.reshape(S, T)
-    y1 = (y_r == 1).to(dtype).unsqueeze(-1).unsqueeze(-1)
-    y_r = y_r.unsqueeze(-1).unsqueeze(-1)
-
-    def problem(C: torch.Tensor):
-        """Objective over a block of C values (Lb,)."""
-        Lb = C.shape[0]
-        Q = T * Lb * K
-        pen = 1.0 / (2.0 * C.view(1, 1, Lb, 1, 1) * count.view(S, T, 1, 1, 1))   # (S, T, Lb, 1, 1)
-        wl = w.expand(*w.shape[:3], Lb, 1)
-        yl = y_r.expand(*wl.shape[:2], T, Lb, 1)
-
-        def logits(theta: torch.Tensor) -> torch.Tensor:
-            W = theta[..., :p, :].permute(0, 3, 1, 2, 4).reshape(S, p, Q)
-            b = theta[..., p, :].reshape(S, Q)
-            out = design.apply(W, b)
-            return out.view(*out.shape[:2], T, Lb, K)
-
-        def fun(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # analytic gradient: d(mean CE)/d logits = w * (softmax - onehot)
-            zl = logits(theta)
-            if binary:
-                nll = torch.nn.functional.softplus(zl) - zl * y1
-                G = torch.sigmoid(zl).sub_(y1).mul_(w)
-            else:
-                mx = zl.amax(-1, keepdim=True)
-                e = (zl - mx).exp_()
-                se = e.sum(-1, keepdim=True)
-                nll = mx + se.log() - zl.gather(-1, yl)
-                G = e.mul_(w / se)
-                G.scatter_add_(-1, yl, -wl)
-            data = (nll * w).sum(row_dim).view(S, T, Lb, 1, 1)
-            Wt = theta[..., :p, :]
-            f = data + Wt.pow(2).sum(dim=(3, 4), keepdim=True) * pen
-            gW, gb = design.apply_T(G.view(*G.shape[:2], Q))
-            g = torch.empty_like(theta)
-            g[..., :p, :] = gW.view(S, p, T, Lb, K).permute(0, 2, 3, 1, 4) + 2.0 * pen * Wt
-            g[..., p, :] = gb.view(S, T, Lb, K)
+        def fun(xs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            f = torch.empty(idx.numel(), dtype=xs.dtype)
+            g = torch.zeros_like(xs)
+            for b, pb in enumerate(parts):
+                sel = torch.nonzero((idx >= offsets[b]) & (idx < offsets[b + 1])).squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                fb, gb = pb.fun(xs[sel, :pb.width].view(-1, p + 1, pb.K), idx[sel] - int(offsets[b]))
+                f[sel] = fb
+                g[sel, :pb.width] = gb.reshape(sel.numel(), -1)
             return f, g
 
-        def predict(theta: torch.Tensor) -> torch.Tensor:
-            """Predicted classes of all rows (S, n, T, Lb)."""
-            W = theta[..., :p, :].permute(0, 3, 1, 2, 4).reshape(S, p, Q)
-            b = theta[..., p, :].reshape(S, Q)
-            out = []
-            for s in range(S):
-                zl = torch.addmm(b[s:s + 1], design.full(s), W[s]).view(-1, T, Lb, K)
-                out.append((zl[..., 0] > 0).long() if binary else zl.argmax(-1))
-            return torch.stack(out)
+        if x is None or not warm:
+            x = torch.zeros(int(offsets[-1]), width, dtype=Cs.dtype)
+        x, info = batched_lbfgs(fun, x, max_iter=max_iter, tol=tol)
+        infos.append(info)
+        for b, (k, pb) in enumerate(zip(ks, parts)):
+            theta = x[int(offsets[b]):int(offsets[b + 1]), :pb.width].reshape(-1, p + 1, pb.K)
+            pred[:, :, members[k], col:col + C.shape[0]] = pb.predict(theta)
+        col += C.shape[0]
+    info = {key: [i[key] for i in infos] for key in infos[0]} if warm else infos[0]
+    return pred, info
 
-        return predict, fun
 
-    preds = []
-    if warm:
-        # regularisation path: C ascending, each solve starts from the previous solution
-        theta = torch.zeros(S, T, 1, p + 1, K, dtype=dtype)
-        infos = []
-        for l in range(L):
-            predict, fun = problem(Cs[l:l + 1])
-            theta, info = batched_lbfgs(fun, theta, (3, 4), max_iter=max_iter, tol=tol)
-            infos.append(info)
-            preds.append(predict(theta))
-        info = {"n_iter": [i["n_iter"] for i in infos], "converged": [i["converged"] for i in infos]}
-    else:
-        predict, fun = problem(Cs)
-        theta, info = batched_lbfgs(fun, torch.zeros(S, T, L, p + 1, K, dtype=dtype), (3, 4),
-                                    max_iter=max_iter, tol=tol)
-        preds.append(predict(theta))
-    return torch.cat(preds, dim=-1), info
+@dataclass
+class _BucketProblem:
+    P: int
+    K: int
+    width: int
+    fun: Callable
+    predict: Callable
+
+
+def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_cls: int,
+                    C: torch.Tensor) -> _BucketProblem:
+    """Targets (T, n) that all have ``n_cls`` classes, C values (Lb,): one problem per
+    (split, target, C), flattened in that order, objective ``mean CE + ||W||^2 / (2 C n_train)``.
+    Parameters (P, p + 1, K) with K = n_cls, or K = 1 for binary (logit of class 1 against
+    class 0, as scikit-learn does); row p of each problem is the unpenalised intercept."""
+    S, p = design.n_splits, design.dim
+    T, Lb = targets.shape[0], C.shape[0]
+    dtype = C.dtype
+    binary = n_cls == 2
+    K = 1 if binary else n_cls
+    grid = torch.cartesian_prod(torch.arange(S), torch.arange(T), torch.arange(Lb)).view(-1, 3)
+    s_of, t_of, l_of = grid[:, 0], grid[:, 1], grid[:, 2]
+    w_all = design.per_problem(valid, s_of, t_of).to(dtype) * design.train_rows(s_of).to(dtype)
+    count = w_all.sum(0).clamp_min(1.0)                                       # (P,)
+    w_all = w_all / count
+    y_all = design.per_problem(targets.clamp_min(0), s_of, t_of)              # (R, P)
+    pen = 1.0 / (2.0 * C[l_of] * count)                                       # (P,)
+
+    def fun(theta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # analytic gradient: d(mean CE)/d logits = w * (softmax - onehot)
+        W, b = theta[:, :p], theta[:, p]
+        z = design.apply(W, b, s_of[idx])                                     # (R, Pa, K)
+        w = w_all[:, idx]
+        y = y_all[:, idx]
+        if binary:
+            z = z.squeeze(-1)
+            y1 = (y == 1).to(dtype)
+            nll = torch.nn.functional.softplus(z) - z * y1
+            G = torch.sigmoid(z).sub_(y1).mul_(w).unsqueeze(-1)
+        else:
+            mx = z.amax(-1, keepdim=True)
+            e = (z - mx).exp_()
+            se = e.sum(-1, keepdim=True)
+            yi = y.unsqueeze(-1)
+            nll = (mx + se.log() - z.gather(-1, yi)).squeeze(-1)
+            G = e.mul_(w.unsqueeze(-1) / se)
+            G.scatter_add_(-1, yi, -w.unsqueeze(-1))
+        f = (nll * w).sum(0) + pen[idx] * W.pow(2).sum((1, 2))
+        gW, gb = design.apply_T(G, s_of[idx])
+        g = torch.cat([gW + (2.0 * pen[idx]).view(-1, 1, 1) * W, gb.unsqueeze(1)], dim=1)
+        return f, g
+
+    def predict(theta: torch.Tensor) -> torch.Tensor:
+        """Predicted classes of all rows, (S, n, T, Lb)."""
+        th = theta.reshape(S, T * Lb, p + 1, K)
+        out = []
+        for s in range(S):
+            W = th[s, :, :p].permute(1, 0, 2).reshape(p, -1)
+            zl = torch.addmm(th[s, :, p].reshape(1, -1), design.full(s), W).view(-1, T, Lb, K)
+            out.append((zl[..., 0] > 0).long() if binary else zl.argmax(-1))
+        return torch.stack(out)
+
+    return _BucketProblem(P=S * T * Lb, K=K, width=(p + 1) * K, fun=fun, predict=predict)
 
 
 def _fit_ridge(design: _Design, targets: torch.Tensor, valid: torch.Tensor, Cs: torch.Tensor) -> torch.Tensor:
@@ -503,6 +535,7 @@ class ProbeResult:
     Cs: list[float]
     curve_mean: list[float]
     curve_std: list[float]
+    fold_curves: list[list[float]]
     control_curve_mean: list[float] | None
     chance: float
     classes: list[str] | None = None
@@ -818,7 +851,8 @@ def _assemble(tap, name, e, scores, pred, targets, valid, evals, t, control, n_f
         selectivity_mean=None if sel is None else float(sel.mean()),
         selectivity_std=None if sel is None else float(sel.std()),
         chosen_C=[Cs[i] for i in chosen], best_C=Cs[best], Cs=list(Cs),
-        curve_mean=outer.mean(0).tolist(), curve_std=outer.std(0).tolist(), control_curve_mean=ctrl_curve,
+        curve_mean=outer.mean(0).tolist(), curve_std=outer.std(0).tolist(),
+        fold_curves=outer.tolist(), control_curve_mean=ctrl_curve,
         chance=chance, classes=classes, confusion=confusion, pca_explained=design.explained, solver=dict(info))
 
 

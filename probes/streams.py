@@ -218,4 +218,5 @@ def plot_shapley(result: Mapping[str, Any], path: str | None = None, title: str 
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
+        plt.close(fig)
     return fig

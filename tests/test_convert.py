@@ -499,3 +499,17 @@ def test_real_size_florence2_config_is_inferred_from_shapes():
     assert cfg["text_config"]["vocab_size"] == 51289
     sd["model.multi_modal_projector.image_projection.weight"] = torch.empty(512, 2048)
     assert conv.infer_florence2_config(sd) is None
+
+
+def test_dtype_defaults_to_the_stored_one(phi_model, tmp_path):
+    assert conv.stored_dtype({"a": torch.zeros(10, dtype=torch.bfloat16), "b": torch.zeros(3),
+                              "i": torch.zeros(50, dtype=torch.long)}) == torch.bfloat16
+    d = write_llava_phi(tmp_path, phi_model)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    from safetensors.torch import load_file
+
+    for shard in set(index["weight_map"].values()):  # a bf16 release, like the official SFT shards
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(d / shard)).items()}, str(d / shard))
+    model = FlorenceVLForConditionalGeneration.from_pretrained(d)
+    assert model.language_model.lm_head.weight.dtype == torch.bfloat16 and model.vision_dtype == torch.bfloat16
+    assert FlorenceVLForConditionalGeneration.from_pretrained(d, dtype="float32").vision_dtype == torch.float32

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import model.device as device_mod
 from model.device import (apply_attn_implementation, choose_attn_implementation, choose_dtype, flash_attn_available,
                           parse_dtype, resolve_device)
 
@@ -55,21 +55,6 @@ def test_unavailable_cuda_and_bad_dtype_are_clear_errors(monkeypatch):
         parse_dtype("float8")
 
 
-def test_cpu_run_never_imports_flash_attn():
-    """A fresh interpreter: load a tiny model, choose and apply the attention, run it; flash_attn stays unimported."""
-    code = (
-        "import sys, torch\n"
-        "from model.builder import build_model\n"
-        "from model.device import apply_attn_implementation\n"
-        "m, p = build_model('tiny')\n"
-        "impl = apply_attn_implementation(m, None, 'cpu')\n"
-        "with torch.no_grad(): m.get_image_features(torch.randn(1, 3, 128, 128))\n"
-        "print(impl, 'flash_attn' in sys.modules, any(k.startswith('flash_attn') for k in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-3:] == ["sdpa", "False", "False"]
-
-
 def test_flash_request_falls_back_to_sdpa_and_keeps_davit_off_flash(tiny):
     model, _ = tiny
     try:
@@ -107,7 +92,7 @@ def _args(**kw):
 def test_gpu_check_tiny_on_cpu():
     from benchmarks import gpu
 
-    result = gpu.run(_args())
+    result = gpu.run(_args(peak_tflops=1.0))
     json.dumps(result)  # one JSON object
     ext = result["extraction"]["tiny"]
     assert ext["fused_images_s"] > 0 and ext["naive_images_s"] > 0
@@ -115,34 +100,30 @@ def test_gpu_check_tiny_on_cpu():
     assert ext["max_abs_diff_vs_naive"] < 1e-4  # fused and naive compute the same features
     train = result["train"]
     assert "error" not in train, train
-    assert train["tokens_s"] > 0 and train["loss_finite"] and train["mfu"] is None  # no known peak on a CPU
+    assert train["tokens_s"] > 0 and train["loss_finite"]
     assert train["tokens_s"] == pytest.approx(train["batch"] * train["seq_len"] / train["step_s"], rel=0.01)
+    assert train["mfu"] == pytest.approx(train["achieved_tflops"] / 1.0, rel=0.05)
     assert train["trainable_params_b"] < train["params_b"]  # the vision tower is frozen
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["attn_implementation"] == "sdpa"
-    # a peak given by hand gives an MFU
-    with_peak = gpu.run(_args(parts="train", peak_tflops=1.0))
-    assert "extraction" not in with_peak and 0 < with_peak["train"]["mfu"] < 10
+    assert gpu._peak_flops(torch.device("cpu"), None) is None  # no MFU without a known peak
 
 
-def test_gpu_check_reports_a_failing_phase_and_continues():
-    from benchmarks import gpu
-
-    result = gpu.run(_args(parts="train", seq_len=10))  # shorter than the 17 image tokens
-    assert "seq-len 10" in result["train"]["error"] and result["total_s"] >= 0
-
-
-def test_gpu_check_script_and_cli_print_one_json_object():
-    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--preset", "tiny", "--device", "cpu",
-                          "--repeats", "1", "--parts", "extraction"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout)["extraction"]["tiny"]["speedup"] > 0
+def test_gpu_check_reports_a_failing_phase_and_fvl_bench_prints_json(capsys):
     from workbench.cli import main
-    import contextlib
-    import io
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["bench", "gpu", "--json", "--preset", "tiny", "--device", "cpu", "--repeats", "1",
-                     "--parts", "extraction"]) == 0
-    assert json.loads(buf.getvalue())["benchmark"] == "gpu"
+    # --seq-len shorter than the 17 image tokens: the phase reports its error, the run still ends in JSON
+    assert main(["bench", "gpu", "--json", "--preset", "tiny", "--device", "cpu", "--parts", "train",
+                 "--seq-len", "10"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["benchmark"] == "gpu" and "seq-len 10" in result["train"]["error"]
+
+
+def test_gpu_check_script_runs_standalone_and_never_imports_flash_attn():
+    """A fresh interpreter running the script from the repo root, as on the lent GPU machine."""
+    out = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--preset", "tiny", "--device", "cpu",
+                          "--repeats", "1", "--parts", "extraction", "--batch", "1"], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["extraction"]["tiny"]["speedup"] > 0
+    assert result["flash_attn_imported"] is False

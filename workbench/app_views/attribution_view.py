@@ -70,7 +70,7 @@ def render(cfg: AppConfig) -> None:
     path = cfg.result("attribute")
     records = []
     if path is not None:
-        records = cache.results(path).get("items", [])
+        records = compute.attribution_records(cache.results(path))
         st.caption(f"{len(records)} attributed answers from {path}")
     else:
         st.warning("No attribution results beside this store. Make them with " + cfg.how_to_make("attribute") +
@@ -81,13 +81,18 @@ def render(cfg: AppConfig) -> None:
         k = st.selectbox("image and question", range(len(records)), format_func=lambda i: names[i], key="attr_pick")
         rec = records[k]
         try:
-            img_path = resolve_under_root(Path(cfg.run_dir) / rec["image"] if cfg.run_dir and not Path(rec["image"]).is_absolute()
-                                          else rec["image"], cfg.root, "image")
-            image = compute.thumbnail(img_path, 512)
+            if str(rec["image"]).startswith("packaged:"):
+                image = _image_from_key(rec["image"])
+            else:
+                img = Path(rec["image"])
+                base = Path(cfg.run_dir) if cfg.run_dir and not img.is_absolute() else Path(".")
+                image = compute.thumbnail(resolve_under_root(base / img, cfg.root, "image"), 512)
         except (PathRefused, ValueError) as exc:
             st.error(str(exc))
             return
         show_record(rec, image)
+        if not (rec.get("pixels") or {}).get("heat"):
+            st.info("This results file holds shares and top pixels but no maps; use 'live' to draw the overlays.")
         return
     _live_panel(cfg)
 

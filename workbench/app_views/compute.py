@@ -161,24 +161,23 @@ def probe_rows(matrix: dict[str, Any]) -> list[dict[str, Any]]:
 def alignment_runs(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Normalise an alignment results file to {encoder: {config: curve}}.
 
-    Accepts {encoder: alignment_by_stream(...)}, a single alignment_by_stream result, or an
-    alignment_table result ({name: curve}); configs are stream names, "all", "-stream", "control"."""
-    def flatten(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        if "streams" in res:
-            out = {s: c for s, c in res.get("single", {}).items()}
-            if "all" in res:
-                out["all"] = res["all"]
-            out.update({f"-{s}": c for s, c in res.get("without", {}).items()})
-            if "control" in res:
-                out["control"] = res["control"]
-            return out
-        return {k: v for k, v in res.items() if isinstance(v, dict) and "eval_loss" in v}
+    Accepts the `fvl align` file ({"results": {encoder: alignment_by_stream(...)}, ...}), a bare
+    {encoder: alignment_by_stream(...)}, a single alignment_by_stream result, or an alignment_table
+    result ({name: curve}); configs are stream names, "all", "-stream", "control" (`probes.alignment.flatten`)."""
+    from probes.alignment import flatten
+
+    def curves(res: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(res, dict):
+            return {}
+        return {k: v for k, v in flatten(res).items() if isinstance(v, dict) and "eval_loss" in v}
 
     if not isinstance(data, dict):
         raise ValueError("an alignment results file holds a JSON object")
+    if isinstance(data.get("results"), dict):
+        data = data["results"]
     if "streams" in data or any(isinstance(v, dict) and "eval_loss" in v for v in data.values()):
-        return {"model": flatten(data)}
-    return {enc: flatten(res) for enc, res in data.items() if isinstance(res, dict) and flatten(res)}
+        return {"model": curves(data)}
+    return {enc: curves(res) for enc, res in data.items() if curves(res)}
 
 
 def curve_rows(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -204,14 +203,17 @@ def live_run(model, processor, image, question: str, max_new_tokens: int = 16) -
     from workbench.data.images import load_image
     from workbench.taps import capture, resolve
 
+    from model.evaluate import _vlm_template
+
     img = load_image(image)
-    batch = processor(images=[img], questions=[question])
+    template = _vlm_template(model, None)  # the question-answering template (plain ignores the question)
+    batch = processor(images=[img], questions=[question], template=template)
     names = [n for n in resolve(model, list(LIVE_TAPS)) if not n.startswith("vision.block")]
     with torch.inference_mode(), capture(model, names, pool="none") as cache:
         feats = model.get_image_features(batch["pixel_values"])
     out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], image_features=feats,
                          max_new_tokens=max_new_tokens, do_sample=False)
-    answer = processor.decode(out[0].tolist())
+    answer = processor.decode(out[0].tolist(), template=template)
     grids = {}
     for n in names:
         x = cache[n][0].float().numpy()
@@ -272,3 +274,76 @@ def layout_rows(taps: Sequence[str]) -> list[tuple[str, list[str]]]:
         rows.setdefault(key, []).append(t)
         order[key] = min(order.get(key, 10**6), o)
     return [(k, rows[k]) for k in sorted(rows, key=lambda k: order[k])]
+
+
+def embed_2d(X: np.ndarray, method: str = "umap", n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
+    """(n, ...) features -> (n, 2): token maps mean-pooled, standardised, then UMAP or PCA."""
+    from probes.linear import pool_tokens
+
+    Z = pool_tokens(np.asarray(X, dtype=np.float32), "mean") if np.ndim(X) > 2 else np.asarray(X, dtype=np.float32)
+    Z = (Z - Z.mean(0)) / (Z.std(0) + 1e-6)
+    if method == "pca" or len(Z) < 5:
+        from sklearn.decomposition import PCA
+
+        out = PCA(n_components=2, random_state=seed).fit_transform(Z)
+    elif method == "umap":
+        import umap
+
+        out = umap.UMAP(n_neighbors=min(n_neighbors, len(Z) - 1), random_state=seed, n_jobs=1).fit_transform(Z)
+    else:
+        raise ValueError(f"embedding method {method!r} is not 'umap' or 'pca'")
+    return np.asarray(out, dtype=np.float64)
+
+
+def cka_matrix(features: dict[str, np.ndarray]) -> np.ndarray:
+    """Linear CKA between every pair of feature sets (rows aligned; token maps mean-pooled)."""
+    from probes.linear import pool_tokens
+    from probes.similarity import linear_cka
+
+    names = list(features)
+    pooled = {k: pool_tokens(np.asarray(v, dtype=np.float64), "mean") for k, v in features.items()}
+    m = np.eye(len(names))
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            m[i, j] = m[j, i] = float(linear_cka(pooled[names[i]], pooled[names[j]]))
+    return m
+
+
+def compare_parts(data: Any) -> tuple[dict[str, list[dict]], dict[str, tuple[list[str], list[list[float]]]]]:
+    """Split a comparison results file into tables ({name: rows}) and CKA matrices ({name: (labels, matrix)}).
+
+    Accepted: {"tables": {name: rows}, "cka": {name: {"labels": [...], "matrix": [[...]]}}}, a list of
+    rows (one table), or {name: rows | {"labels","matrix"}} mixed."""
+    tables: dict[str, list[dict]] = {}
+    mats: dict[str, tuple[list[str], list[list[float]]]] = {}
+    if isinstance(data, list):
+        return {"results": [r for r in data if isinstance(r, dict)]}, {}
+    if not isinstance(data, dict):
+        return {}, {}
+
+    def take(name: str, value: Any) -> None:
+        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+            tables[name] = value
+        elif isinstance(value, dict) and "matrix" in value:
+            labels = value.get("labels") or value.get("names") or [str(i) for i in range(len(value["matrix"]))]
+            mats[name] = (list(map(str, labels)), value["matrix"])
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                take(f"{name}: {k}" if name else k, v)
+
+    for key, value in data.items():
+        take("" if key in ("tables", "cka") else key, value)
+    return tables, mats
+
+
+def attribution_records(data: Any) -> list[dict[str, Any]]:
+    """Records of an attribution file: the demo's {"items": [...]}, or one `fvl attribute` result."""
+    if not isinstance(data, dict):
+        return []
+    if isinstance(data.get("items"), list):
+        return [r for r in data["items"] if isinstance(r, dict) and "image" in r]
+    if "pixels" in data and "image" in data:
+        target = (data.get("pixels") or {}).get("target") or {}
+        return [{"id": Path(str(data["image"])).name, "image": data["image"], "question": target.get("question", ""),
+                 "answer": target.get("answer", ""), "pixels": data.get("pixels"), "streams": data.get("streams")}]
+    return []

@@ -12,8 +12,10 @@ Run-directory layout (what `fvl demo --out RUN` writes; the app reads whatever o
     RUN/model/                   the trained model (config.json, model.safetensors, tokenizers)
     RUN/store/                   the feature store
     RUN/probe/probe.json         probes.linear.ProbeMatrix.to_dict()
-    RUN/align/alignment.json     {encoder: probes.alignment.alignment_by_stream(...)}
-    RUN/attribute/attribution.json  per-image pixel and stream attributions
+    RUN/align/alignment.json     `fvl align` output: {"results": {encoder: alignment_by_stream(...)}, "summary": ...}
+    RUN/attribute/attribution.json  {"items": [per-image pixel and stream attributions with maps]} (or one
+                                 `fvl attribute` result)
+    RUN/project/umap.json        {tap: {"ids", "xy"}} precomputed 2-D embeddings
     RUN/compare/compare.json     encoder comparison tables and CKA matrices
     RUN/report.md                the written report with its figures under RUN/figures/
 """
@@ -33,10 +35,12 @@ MAX_UPLOAD_PIXELS = 25_000_000  # 5000 x 5000: far above any model input, cheap 
 
 # result kind -> (path inside the run directory, the command that writes it)
 RESULTS: dict[str, tuple[str, str]] = {
-    "probe": ("probe/probe.json", "fvl probe --store {store} --out {run}/probe/probe.json"),
-    "align": ("align/alignment.json", "fvl align --store {store} --out {run}/align/alignment.json"),
-    "attribute": ("attribute/attribution.json", "fvl attribute --model {run}/model --out {run}/attribute/attribution.json"),
-    "compare": ("compare/compare.json", "fvl compare --out {run}/compare/compare.json"),
+    "probe": ("probe/probe.json", "fvl probe --store {store} --out {run}/probe"),
+    "align": ("align/alignment.json", "fvl align --store {store} --data {run}/data --model {run}/model --out {run}/align"),
+    "attribute": ("attribute/attribution.json",
+                  "fvl attribute --model {run}/model --image IMAGE --question Q --answer A --out {run}/attribute"),
+    "compare": ("compare/compare.json", "fvl compare --out {run}/compare"),
+    "project": ("project/umap.json", "fvl demo --out {run}"),
     "report": ("report.md", "fvl demo --out {run}"),
 }
 

@@ -40,8 +40,8 @@ def render(cfg: AppConfig) -> None:
         y=alt.Y("depth:N", sort=depth_order, title="depth"),
     )
     heat = base.mark_rect().encode(
-        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme="viridis" if value == "score" else "redblue",
-                                                     domainMid=None if value == "score" else 0)),
+        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme="viridis") if value == "score"
+                        else alt.Scale(scheme="redblue", domainMid=0, reverse=True)),
         tooltip=["tap", "label", alt.Tooltip("score:Q", format=".3f"), alt.Tooltip("control:Q", format=".3f"),
                  alt.Tooltip("selectivity:Q", format="+.3f"), alt.Tooltip("chance:Q", format=".3f"), "metric"],
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),

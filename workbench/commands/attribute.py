@@ -40,10 +40,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    import torch
-
-    from probes.attribution import AttributionError, AnswerScore, pixel_attribution, stream_attribution
-    from probes.attribution_plots import plot_attribution
+    from probes.attribution import (AnswerScore, AttributionError, pixel_attribution, plot_attribution,
+                                    stream_attribution)
     from workbench.cli import UserError
     from workbench.commands._common import open_model
     from workbench.data.images import ImageError, load_image, packaged_image
@@ -102,5 +100,4 @@ def run(args) -> int:
         for w in warnings:
             print(f"warning: {w}")
         print(f"wrote {out / 'attribution.json'} and {out / 'attribution.png'}")
-    del torch
     return 0

@@ -27,6 +27,11 @@ def run(args) -> int:
         model, _ = build_model(args.preset, device="meta")
     else:
         model, _ = open_model(args)
+    if args.image_size is not None:
+        try:
+            model.config.check_position_limits(args.image_size)
+        except ValueError as exc:
+            raise UserError(f"--image-size {args.image_size}: {exc}") from None
     shapes = tap_shapes(model, args.image_size)
     if args.match:
         try:

@@ -1,0 +1,309 @@
+"""Linear probes, CKA, PCA-RGB / embeddings, Shapley values and plots (tiny sizes, fast)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from probes.contributions import shapley_from_table, shapley_values
+from probes.linear import _splits, control_labels, detect_task, grouped_kfold, probe, probe_matrix
+from probes.projection import embed_2d, otsu_threshold, pca_rgb, pca_rgb_many
+from probes.similarity import cka, cka_matrix, difference_maps, minibatch_cka, split_global, token_cosine_map
+
+FAST = dict(Cs=(0.01, 0.1, 1.0), n_folds=4, progress=False)
+
+
+def planted(n=240, d=16, k=3, strength=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = rng.normal(size=(n, d))
+    X[np.arange(n), y] += strength
+    return X, y
+
+
+# --------------------------------------------------------------------------- linear probes
+def test_planted_signal_is_found_and_shuffled_labels_stay_at_chance():
+    X, y = planted()
+    r = probe(X, y, **FAST)
+    assert r.task == "classification" and r.metric == "accuracy"
+    assert r.score_mean > 0.9
+    assert r.selectivity_mean > 0.4          # control labels are random per row: the probe cannot fit them
+    shuffled = np.random.default_rng(1).permutation(y)
+    s = probe(X, shuffled, **FAST)
+    assert abs(s.score_mean - 1 / 3) < 0.12
+    assert abs(s.selectivity_mean) < 0.15
+
+
+def test_memorising_identity_has_no_selectivity():
+    # 24 types (e.g. object identities) seen in several images each; the feature is the type's one-hot,
+    # the label a function of the type. The probe solves task AND control by memorising types.
+    rng = np.random.default_rng(0)
+    n_types, n = 24, 240
+    types = rng.permutation(np.arange(n) % n_types)
+    X = np.eye(n_types)[types] + 0.05 * rng.normal(size=(n, n_types))
+    y = types % 3
+    r = probe(X, y, groups=np.arange(n), types=types, Cs=(1.0, 10.0), n_folds=4, progress=False)
+    assert r.score_mean > 0.95
+    assert r.control_mean > 0.95
+    assert abs(r.selectivity_mean) < 0.06
+    # a feature that encodes the label itself, not the type, IS selective
+    Xl = np.eye(3)[y] * 3 + rng.normal(size=(n, 3))
+    r2 = probe(Xl, y, groups=np.arange(n), types=types, Cs=(1.0, 10.0), n_folds=4, progress=False)
+    assert r2.selectivity_mean > 0.3
+
+
+def test_control_labels_are_constant_per_type_and_keep_the_label_set():
+    y = np.array(["a", "b", "c", "a", "b", "c", "a", None], dtype=object)
+    types = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    c = control_labels(y, types, seed=3)
+    for t in np.unique(types):
+        vals = {v for v, tt in zip(c, types) if tt == t and v is not None}
+        assert len(vals) <= 1
+    assert set(v for v in c if v is not None) <= {"a", "b", "c"}
+    assert c[-1] is None
+    assert np.array_equal(c, control_labels(y, types, seed=3))
+
+
+def test_grouped_folds_never_split_a_group():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 37, 400)
+    strata = rng.integers(0, 3, 400)
+    folds = grouped_kfold(groups, 5, seed=2, strata=strata)
+    seen = np.zeros(400, int)
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te])
+        seen[te] += 1
+    assert np.all(seen == 1)
+    assert [list(te) for _, te in folds] == [list(te) for _, te in grouped_kfold(groups, 5, seed=2, strata=strata)]
+    train, evals, _ = _splits(groups, strata, 5, "inner", 0)
+    for s in range(train.shape[0]):
+        assert not set(groups[train[s]]) & set(groups[evals[s]])
+    for f in range(5):  # inner split f lies inside outer fold f's training rows
+        assert np.all(train[f] | ~(train[5 + f] | evals[5 + f]))
+    with pytest.raises(ValueError, match="groups"):
+        grouped_kfold(np.array([0, 0, 1, 1]), 3)
+
+
+def test_regression_recovers_planted_linear_target():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 12))
+    y = X @ rng.normal(size=12) + 0.05 * rng.normal(size=200)
+    r = probe(X, y, **FAST)
+    assert r.task == "regression" and r.metric == "r2"
+    assert r.score_mean > 0.97
+    assert r.confusion is None and r.selectivity_mean > 0.8
+
+
+def test_task_detection_and_override():
+    assert detect_task(np.array(["red", "blue"])) == "classification"
+    assert detect_task(np.array([True, False])) == "classification"
+    assert detect_task(np.array([0, 1, 2, 1])) == "classification"
+    assert detect_task(np.array([0.0, 1.0, 2.0])) == "classification"
+    assert detect_task(np.linspace(0, 1, 50)) == "regression"
+    assert detect_task(np.arange(100)) == "regression"
+    X, y = planted(k=2)
+    r = probe(X, y.astype(float), tasks={"y": "regression"}, **FAST)
+    assert r.task == "regression"
+
+
+def test_matrix_outputs_confusion_missing_labels_and_pca():
+    X, y = planted(n=200, d=24)
+    names = np.array(["cat", "dog", "emu"])[y].astype(object)
+    names[:10] = None                       # missing labels are left out, not guessed
+    rng = np.random.default_rng(0)
+    feats = {"good": X, "noise": rng.normal(size=X.shape)}
+    m = probe_matrix(feats, {"animal": names, "size": X[:, 0] * 2 + 0.1 * rng.normal(size=200)},
+                     pca=8, select="inner", **FAST)
+    good = m[("good", "animal")]
+    assert good.n == 190 and good.dim == 8 and good.pca_explained is not None
+    assert good.classes == ["cat", "dog", "emu"]
+    conf = np.array(good.confusion)
+    assert conf.shape == (3, 3) and conf.sum() == 190
+    assert good.score_mean > m[("noise", "animal")].score_mean + 0.3
+    assert len(good.curve_mean) == 3 and len(good.chosen_C) == 4
+    d = json.loads(m.to_json())
+    assert {(r["tap"], r["label"]) for r in d["results"]} == {(t, l) for t in feats for l in ("animal", "size")}
+    again = type(m).from_dict(d)
+    assert again[("good", "size")].score_mean == m[("good", "size")].score_mean
+    md = m.to_markdown()
+    assert "| good |" in md and "sel" in md
+    assert m.table().shape == (2, 2)
+
+
+def test_batched_solver_matches_sklearn_at_the_same_C():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    for k in (2, 4):
+        X, y = planted(n=300, d=10, k=k, strength=1.0, seed=k)
+        groups = np.arange(300)
+        r = probe(X, y, groups, Cs=(1.0,), select="cv", control=False, n_folds=3, progress=False)
+        folds = grouped_kfold(groups, 3, 0, y)
+        for f, (tr, te) in enumerate(folds):
+            sc = StandardScaler().fit(X[tr])
+            acc = (LogisticRegression().fit(sc.transform(X[tr]), y[tr]).predict(sc.transform(X[te])) == y[te]).mean()
+            assert abs(acc - r.score_folds[f]) <= 0.01
+
+
+def test_bad_inputs_name_the_problem():
+    X, y = planted(n=50)
+    with pytest.raises(ValueError, match=r"labels\['y'\]"):
+        probe_matrix({"x": X}, {"y": y[:40]}, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        probe_matrix({"x": np.full((50, 3), np.nan)}, {"y": y}, progress=False)
+    with pytest.raises(ValueError, match="select"):
+        probe_matrix({"x": X}, {"y": y}, select="best", progress=False)
+
+
+# --------------------------------------------------------------------------- similarity
+def test_cka_invariances():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 12))
+    Q, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    for debiased in (False, True):
+        assert cka(X, X, debiased) == pytest.approx(1.0, abs=1e-9)
+        assert cka(X, 3.7 * X @ Q, debiased) == pytest.approx(1.0, abs=1e-9)
+        assert cka(X, X * np.linspace(0.1, 4.0, 12), debiased) < 0.95
+    Y = rng.normal(size=(80, 7))
+    assert cka(X, Y) == pytest.approx(cka(Y, X))
+    wide = rng.normal(size=(30, 100))      # n < d takes the Gram-matrix route
+    assert cka(wide, wide @ np.linalg.qr(rng.normal(size=(100, 100)))[0]) == pytest.approx(1.0, abs=1e-9)
+    names, M = cka_matrix({"a": X, "b": X @ Q, "c": Y})
+    assert names == ["a", "b", "c"] and np.allclose(M, M.T) and np.allclose(np.diag(M), 1.0)
+    assert M[0, 1] == pytest.approx(1.0) and M[0, 2] == pytest.approx(cka(X, Y))
+    _, Md = cka_matrix({"a": X, "c": Y}, debiased=True)
+    assert Md[0, 1] == pytest.approx(cka(X, Y, debiased=True))
+    big = rng.normal(size=(600, 8))
+    assert minibatch_cka(big, big @ np.linalg.qr(rng.normal(size=(8, 8)))[0], 100) == pytest.approx(1.0, abs=1e-9)
+    assert abs(minibatch_cka(big, rng.normal(size=(600, 8)), 100)) < 0.05
+    with pytest.raises(ValueError, match="rows"):
+        cka(X, Y[:10])
+
+
+def test_token_maps_and_difference_maps():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(17, 6))                 # 4x4 patches + global token first
+    g, p = split_global(t)
+    assert g.shape == (6,) and p.shape == (4, 4, 6) and np.array_equal(p[0, 0], t[1])
+    assert split_global(t[1:])[0] is None
+    assert split_global(rng.normal(size=(2 * 3 + 1, 6)), grid=(2, 3))[1].shape == (2, 3, 6)
+    cos = token_cosine_map(t, -t)
+    assert cos.shape == (4, 4) and np.allclose(cos, -1)
+    other = t.copy()
+    other[1 + 5] = rng.normal(size=6)            # change one patch (row 1, col 1)
+    maps = difference_maps({"depth": t, "caption": other, "ocr": 2 * t}, metric="distance")
+    assert set(maps) == {"caption", "ocr"}
+    assert np.allclose(maps["ocr"], 0) and maps["caption"][1, 1] > 0.01
+    assert np.count_nonzero(maps["caption"] > 1e-9) == 1
+    with pytest.raises(ValueError, match="grid"):
+        split_global(rng.normal(size=(7, 3)))
+
+
+# --------------------------------------------------------------------------- projections
+def _planted_map(seed=0, h=10, w=12, D=16):
+    rng = np.random.default_rng(seed)
+    fg = np.zeros((h, w), bool)
+    fg[2:6, 3:8] = True
+    t = 0.3 * rng.normal(size=(h * w, D))
+    t[fg.ravel()] += 4 * rng.normal(size=D)
+    t[fg.ravel(), :3] += rng.normal(size=(fg.sum(), 3))
+    return np.concatenate([rng.normal(size=(1, D)), t]), fg
+
+
+def test_pca_rgb_finds_planted_foreground():
+    tokens, fg = _planted_map()
+    r = pca_rgb(tokens, grid=(10, 12))
+    assert r.rgb.shape == (10, 12, 3) and r.rgb.dtype == np.uint8
+    assert (r.mask == fg).mean() > 0.97
+    assert np.all(r.rgb[~r.mask] == 0) and r.rgb[r.mask].max() == 255
+    assert "minority" in r.rule and r.threshold is not None
+    flipped = pca_rgb(-tokens, grid=(10, 12))    # PC1 sign flips; the minority rule keeps the same mask
+    assert np.array_equal(flipped.mask, r.mask)
+    none = pca_rgb(tokens, grid=(10, 12), background="none")
+    assert none.mask.all()
+    t2, fg2 = _planted_map(seed=1)
+    both = pca_rgb_many({"a": tokens, "b": t2}, grid=(10, 12))
+    assert set(both) == {"a", "b"} and both["a"].threshold == both["b"].threshold
+    assert (both["a"].mask == fg).mean() > 0.9
+    assert otsu_threshold(np.r_[np.zeros(50), np.ones(50)]) == pytest.approx(0.5, abs=0.01)
+
+
+def test_embedding_fallback_and_seeded_umap(monkeypatch):
+    rng = np.random.default_rng(0)
+    small = embed_2d(rng.normal(size=(8, 5)))
+    assert small.method == "pca" and "fallback" in small.reason and small.coords.shape == (8, 2)
+    calls = {}
+
+    class FakeUMAP:  # real UMAP needs ~1 min of numba compilation; check the wiring only
+        def __init__(self, **kw):
+            calls.update(kw)
+
+        def fit_transform(self, Z):
+            calls["dims"] = Z.shape[1]
+            return Z[:, :2]
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    e = embed_2d(rng.normal(size=(40, 80)), seed=7, pre_pca=10)
+    assert e.method == "umap" and e.coords.shape == (40, 2)
+    assert calls["random_state"] == 7 and calls["n_components"] == 2 and calls["dims"] == 10
+
+
+# --------------------------------------------------------------------------- Shapley
+def test_shapley_two_players_by_hand_and_efficiency():
+    v = {frozenset(): 1.0, frozenset({"depth"}): 3.0, frozenset({"ocr"}): 2.0, frozenset({"depth", "ocr"}): 6.0}
+    r = shapley_values(["depth", "ocr"], v.__getitem__)
+    # phi_depth = 1/2 (3 - 1) + 1/2 (6 - 2) = 3; phi_ocr = 1/2 (2 - 1) + 1/2 (6 - 3) = 2
+    assert r["depth"] == pytest.approx(3.0) and r["ocr"] == pytest.approx(2.0)
+    assert r.full == 6.0 and r.empty == 1.0 and r.efficiency_gap == pytest.approx(0.0)
+    rng = np.random.default_rng(0)
+    players = ["depth", "caption", "ocr", "grounding"]
+    table = {}
+    calls = []
+
+    def metric(s):
+        calls.append(s)
+        return table.setdefault(s, float(rng.normal()))
+
+    res = shapley_values(players, metric)
+    assert len(calls) == 16 == len(set(calls)) == res.evaluations
+    assert sum(res.values()) == pytest.approx(res.full - res.empty)
+    again = shapley_from_table({"+".join(sorted(s)): val for s, val in table.items()}, players)
+    assert dict(again) == pytest.approx(dict(res))
+    with pytest.raises(ValueError, match="missing"):
+        shapley_from_table({frozenset(): 0.0, frozenset({"a"}): 1.0, frozenset({"a", "b"}): 2.0})
+
+
+# --------------------------------------------------------------------------- plots
+def test_plots_render(tmp_path):
+    from probes import plots
+    from probes.contributions import shapley_values
+
+    X, y = planted(n=120, d=6)
+    m = probe_matrix({"a": X, "b": X[:, ::-1] * 0.1}, {"y": y, "r": X[:, 0]}, Cs=(0.1, 1.0), n_folds=3,
+                     select="cv", progress=False)
+    tokens, _ = _planted_map()
+    rgb = pca_rgb_many([tokens, tokens * 1.1], grid=(10, 12))
+    img = np.random.default_rng(0).integers(0, 255, (40, 48, 3)).astype(np.uint8)
+    figs = {
+        "matrix": plots.plot_probe_matrix(m),
+        "matrix_dict": plots.plot_probe_matrix(m.to_dict(), field="selectivity_mean"),
+        "curve": plots.plot_regularisation_curve([m[("a", "y")], m[("b", "r")]]),
+        "confusion": plots.plot_confusion(m[("a", "y")]),
+        "cka": plots.plot_cka_matrix(*cka_matrix({"a": X, "b": X[:, :3]})),
+        "pca_grid": plots.plot_pca_rgb_grid([rgb, rgb], ["img0", "img1"], ["depth", "caption"], images=[img, img]),
+        "diff": plots.plot_difference_maps({"caption": np.random.rand(4, 4), "ocr": np.random.rand(4, 4)}, image=img),
+        "umap_cat": plots.plot_embedding(embed_2d(X, method="pca"), labels=np.array(["x", "y", "z"])[y]),
+        "umap_cont": plots.plot_embedding(X[:, :2], labels=X[:, 3]),
+        "shapley": plots.plot_shapley(shapley_values(["a", "b"], lambda s: float(len(s)))),
+        "losses": plots.plot_loss_curves({"depth": [3, 2, 1.5], "caption": [3, 2.5, 1]}, log_y=True),
+        "overlay": plots.plot_attribution_overlay(img, np.random.rand(5, 6)),
+        "pck": plots.plot_pck_bars({"stage2": {"pck": 0.8, "pck_flip": 0.85, "untrained": {"pck": 0.01}}, "depth": 0.5}),
+    }
+    for name, fig in figs.items():
+        path = plots.save(fig, tmp_path / "sub" / f"{name}.png")
+        assert path.stat().st_size > 1000, name
+    with pytest.raises(ValueError, match="regression"):
+        plots.plot_confusion(m[("a", "r")])

@@ -1,0 +1,273 @@
+"""Training: template masks, loss goes down, exact resume, torchrun data parallel, what gets gradients,
+Florence-2 pretraining and its transfer, evaluation metrics, and the `fvl train` / `fvl eval` commands."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.builder import build_model
+from model.processing import IGNORE_INDEX
+from model.train import (FeatureBank, TrainConfig, VLMTask, epoch_order, latest_checkpoint, list_checkpoints,
+                         load_vlm_samples, stage_finished, train_stage, vlm_stage_data)
+from workbench.cli import main as fvl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from workbench.data.synth import synth_scenes
+
+    out = tmp_path_factory.mktemp("scenes")
+    synth_scenes(out, 24, seed=3, image_size=64, workers=1, progress=False, log=None)
+    return out
+
+
+def fresh_tiny():
+    return build_model("tiny", seed=0)
+
+
+def cfg(tmp_path=None, **kw) -> TrainConfig:
+    base = dict(out_dir=str(tmp_path) if tmp_path else None, stage="finetune", batch_size=4, lr=3e-3,
+                max_steps=4, warmup_ratio=0.0, progress=False, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# ---- templates -----------------------------------------------------------------------------
+def _trained_text(processor, ids, labels) -> str:
+    kept = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    return processor.llm_tokenizer.decode(kept)
+
+
+def test_template_masks_cover_only_answers(tiny):
+    _, proc = tiny
+    eos = proc.llm_tokenizer.eos_token
+    ids, labels = proc.encode_conversation([("ignored question", "a red circle")], template="plain")
+    assert _trained_text(proc, ids, labels) == "a red circle\n" + eos
+    assert ids.count(proc.image_token_id) == proc.num_image_tokens
+    assert all(lab == IGNORE_INDEX for i, lab in zip(ids, labels) if i == proc.image_token_id)
+    turns = [("<image>\nWhat color is the star?", "blue"), ("How many shapes are there?", "3")]
+    ids, labels = proc.encode_conversation(turns, template="phi3")
+    assert _trained_text(proc, ids, labels) == "blue<|end|>\n3<|end|>\n"
+    ids, labels = proc.encode_conversation(turns, template="llama3")
+    assert _trained_text(proc, ids, labels) == "blue<|eot_id|>3<|eot_id|>"
+    text = proc.llm_tokenizer.decode(ids)
+    assert "What color is the star?" in text and "How many shapes" in text  # questions are input, not trained
+
+
+def test_llava_samples_use_template(data_dir, tiny):
+    _, proc = tiny
+    samples = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")
+    assert len(samples) == json.loads((data_dir / "manifest.json").read_text())["split_counts"]["train"]
+    answers = _trained_text(proc, samples[0].input_ids, samples[0].labels)
+    assert answers.count("<|end|>") == len(json.loads((data_dir / "instruct.json").read_text())[0]["conversations"]) // 2
+
+
+# ---- the loop --------------------------------------------------------------------------------
+def test_steps_lower_the_loss_on_a_fixed_batch(data_dir):
+    model, proc = fresh_tiny()
+    samples = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")[:4]
+    history = train_stage(model, proc, samples, cfg(max_steps=8, lr=5e-3))
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_loss_independent_of_micro_batching(data_dir):
+    """The step loss is the global-batch token mean, however the batch is split."""
+    runs = []
+    for micro in (None, 1, 3):
+        model, proc = fresh_tiny()
+        samples = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")
+        runs.append([h["loss"] for h in train_stage(model, proc, samples, cfg(max_steps=3, micro_batch_size=micro))])
+    for other in runs[1:]:
+        assert other == pytest.approx(runs[0], rel=1e-5, abs=1e-6)
+
+
+def test_gradients_reach_projector_and_llm_and_vision_only_when_asked(data_dir):
+    model, proc = fresh_tiny()
+    samples = load_vlm_samples(proc, data_dir / "pretrain.json", "plain")[:2]
+    data = vlm_stage_data(samples, proc, bank=None)
+    for tune_vision in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.set_trainable(vision=tune_vision, projector=True, llm=True)
+        VLMTask(model)(**data.make_batch([0, 1])).backward()
+
+        def has_grad(module):
+            return any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+        assert has_grad(model.mm_projector) and has_grad(model.language_model)
+        assert has_grad(model.vision_tower) is tune_vision
+        if tune_vision:  # depth and breadth paths both carry gradient
+            assert has_grad(model.vision_tower.vision_tower) and has_grad(model.vision_tower.encoder)
+
+
+def test_feature_cache_gives_the_same_loss(data_dir):
+    model, proc = fresh_tiny()
+    samples = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")[:3]
+    bank = FeatureBank(model, proc, progress=False)
+    bank.add([s.image for s in samples])
+    with torch.no_grad():
+        a = VLMTask(model)(**vlm_stage_data(samples, proc, None).make_batch([0, 1, 2]))
+        b = VLMTask(model)(**vlm_stage_data(samples, proc, bank).make_batch([0, 1, 2]))
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+
+
+def test_resume_gives_the_same_loss_sequence(data_dir, tmp_path):
+    def run(out, **kw):
+        model, proc = fresh_tiny()
+        return train_stage(model, proc, data_dir / "instruct.json", cfg(out, max_steps=7, save_every=2, **kw))
+
+    full = [h["loss"] for h in run(tmp_path / "full")]
+    part = run(tmp_path / "cut", stop_after=3)
+    assert len(part) == 3 and latest_checkpoint(tmp_path / "cut").name == "checkpoint-3"
+    assert not stage_finished(tmp_path / "cut")
+    resumed = run(tmp_path / "cut", resume=True)
+    assert [h["loss"] for h in resumed] == full  # exact, not approximate
+    assert stage_finished(tmp_path / "cut")
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 8)) and [r["loss"] for r in rows] == full
+    assert len(list_checkpoints(tmp_path / "cut")) <= 2  # save_total_limit
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng-rank0.pt", "trainer_state.json"} <= \
+        {p.name for p in ckpt.iterdir()}
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "cut").iterdir())
+
+
+def test_epoch_order_is_a_seeded_permutation():
+    a = epoch_order(50, seed=3, epoch=0)
+    assert sorted(a) == list(range(50)) and a == epoch_order(50, 3, 0)
+    assert a != epoch_order(50, 3, 1) and a != epoch_order(50, 4, 0)
+
+
+TORCHRUN_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    torch.set_num_threads(1)
+    from model.builder import build_model
+    from model.train import TrainConfig, train_stage
+    data, out = sys.argv[1], sys.argv[2]
+    model, proc = build_model("tiny", seed=0)
+    cfg = TrainConfig(out_dir=out, stage="finetune", batch_size=4, micro_batch_size=1, lr=3e-3, max_steps=3,
+                      warmup_ratio=0.0, progress=False, seed=1, save_every=0)
+    hist = train_stage(model, proc, data + "/instruct.json", cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(out + "/losses.json", "w") as f:
+            json.dump([h["loss"] for h in hist], f)
+""")
+
+
+def test_torchrun_two_processes_match_one(data_dir, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FVL_DIST_BACKEND": "gloo"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+    proc = subprocess.run(torchrun + [str(script), str(data_dir), str(tmp_path / "ddp")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    single_env = {k: v for k, v in env.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, str(script), str(data_dir), str(tmp_path / "one")], env=single_env,
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "losses.json").read_text())
+    assert len(ddp) == len(one) == 3
+    assert ddp == pytest.approx(one, rel=1e-4, abs=1e-5)
+    assert one[-1] < one[0]
+
+
+# ---- Florence-2 pretraining ------------------------------------------------------------------
+def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
+    from model.florence2_pretrain import (Florence2Task, florence2_stage_data, load_florence2,
+                                          load_florence2_samples, train_florence2)
+
+    model, proc = fresh_tiny()
+    samples = load_florence2_samples(data_dir, proc.florence2_tokenizer, "train", ("<OCR>", "<DENSE_REGION_CAPTION>"))
+    assert all(s.tasks == ["<OCR>", "<DENSE_REGION_CAPTION>"] for s in samples)
+    loc = proc.florence2_tokenizer.convert_tokens_to_ids("<loc_0>")
+    assert any(loc <= t < loc + 1000 for s in samples for t in s.targets[1])  # regions use <loc_i> tokens
+    f2, history = train_florence2(model, proc, data_dir, cfg(tmp_path, stage="florence2", max_steps=6, lr=3e-3,
+                                                             batch_size=4), tasks=("<OCR>", "<DENSE_REGION_CAPTION>"))
+    assert history[-1]["loss"] < history[0]["loss"]
+    # grouping rows by task gives the same loss as one padded pass over all rows
+    data = florence2_stage_data(samples, proc)
+    batch = data.make_batch([0, 1, 2])
+    with torch.no_grad():
+        grouped = Florence2Task(f2)(**batch)
+        batch.pop("row_task")
+        plain = Florence2Task(f2)(**batch)
+    assert float(grouped) == pytest.approx(float(plain), rel=1e-4)
+    # the extractor now holds the pretrained weights: same depth features as the native model
+    px = proc.images([samples[0].image])
+    with torch.no_grad():
+        native = f2.model.get_image_features(px).pooler_output
+        ours = model.vision_tower.depth(px)
+    assert torch.allclose(native, ours, atol=1e-5)
+    assert stage_finished(tmp_path)
+    f2b, _ = load_florence2(tmp_path / "model" / "florence2")
+    assert torch.equal(f2b.lm_head.weight, f2.lm_head.weight)
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+def test_metrics():
+    from model.evaluate import box_iou, region_recall, token_f1
+
+    assert token_f1("A red circle.", "a red circle") == 1.0
+    assert token_f1("red square", "red circle") == pytest.approx(0.5)
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    ref = "red circle<loc_100><loc_100><loc_200><loc_200>word cat<loc_500><loc_500><loc_600><loc_550>"
+    assert region_recall(ref, ref) == (2, 2)
+    near = "red circle <loc_105><loc_102><loc_205><loc_198>"  # spaces from decoding are tolerated
+    assert region_recall(near, ref) == (1, 2)
+    assert region_recall("blue circle<loc_100><loc_100><loc_200><loc_200>", ref) == (0, 2)  # label must match
+    assert region_recall("garbage <loc_1>", ref) == (0, 2)
+
+
+def test_evaluate_vqa_reports_every_type_and_batching_is_exact(data_dir):
+    from model.evaluate import answer_questions, evaluate_vqa
+    from workbench.data.dataset import load_qa
+
+    model, proc = fresh_tiny()
+    result = evaluate_vqa(model, proc, data_dir, "test", batch_size=16, return_predictions=True)
+    types = {r["type"] for r in load_qa(data_dir, split="test")}
+    assert set(result["accuracy"]) == types | {"overall"}
+    assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
+    assert set(result["chance"]) == types
+    rows = load_qa(data_dir, split="test")[:5]
+    batched = answer_questions(model, proc, [r["image"] for r in rows], [r["question"] for r in rows], batch_size=5,
+                               max_new_tokens=4)
+    single = [answer_questions(model, proc, [r["image"]], [r["question"]], batch_size=1, max_new_tokens=4)[0]
+              for r in rows]
+    assert batched == single  # left padding does not change greedy answers
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def test_cli_finetune_then_eval(data_dir, tmp_path, capsys):
+    out = tmp_path / "s2"
+    args = ["train", "finetune", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--max-steps", "2",
+            "--batch-size", "4", "--save-every", "1", "--quiet"]
+    assert fvl(args) == 0
+    assert (out / "model" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert fvl(args) == 2  # existing checkpoints without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert fvl(["eval", "vqa", "--model", str(out / "model"), "--data", str(data_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "overall" in result["accuracy"]
+    assert fvl(["eval", "vqa", "--model", str(out / "checkpoint-2"), "--data", str(data_dir), "--json",
+                "--limit", "4"]) == 0  # any checkpoint loads
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"]["overall"] == 4
+
+
+def test_cli_bad_input(tmp_path, capsys):
+    assert fvl(["eval", "vqa", "--preset", "tiny", "--data", str(tmp_path), "--json"]) == 2
+    assert "fvl data synth" in capsys.readouterr().err
+    assert fvl(["train", "pretrain", "--preset", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "pretrain.json" in capsys.readouterr().err
+    assert fvl(["train", "recipe", "--preset", "florence-vl-8b", "--out", str(tmp_path / "r")]) == 2
