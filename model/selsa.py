@@ -145,7 +145,7 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 def selsa_experiment(num_classes: int = 4, train_videos_per_class: int = 150, test_videos_per_class: int = 16,
                      frames: int = 8, size: int = 32, degrade_fraction: float = 0.5, train_refs: int = 2,
-                     steps: int = 300, batch_videos: int = 16, width: int = 32, lr: float = 3e-3, seed: int = 0,
+                     steps: int = 600, batch_videos: int = 16, width: int = 32, lr: float = 3e-3, seed: int = 0,
                      num_threads: int | None = None, progress: bool = True) -> dict:
     """Train a tiny frame encoder + classifier with and without SELSA, on synthetic moving-shape videos
     whose frames are degraded (blur + occlusion + noise) with probability `degrade_fraction`.

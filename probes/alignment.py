@@ -350,14 +350,19 @@ def plot_alignment(results: Mapping[str, Mapping[str, Any]], path: Any = None, t
     """Alignment curves (smoothed training loss, dashed held-out loss, dotted chance) and final
     held-out losses as bars, for {label: curve} (e.g. `summary`-style labels "depth", "all",
     "-ocr", or encoder names). Saved as PNG when `path` is given; returns the figure.
-    (Kept here: probes.plots' figures take other inputs.)"""
+    Agg canvas, no pyplot. (Kept here: probes.plots' `plot_loss_curves` draws plain lines; this
+    adds the held-out curve, chance and the final-loss bars of the paper's Figs. 4-5.)"""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    from probes.plots import save
+
+    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     chance = None
     for i, (label, r) in enumerate(results.items()):
         c = colors[i % len(colors)]
@@ -384,10 +389,8 @@ def plot_alignment(results: Mapping[str, Mapping[str, Any]], path: Any = None, t
         bx.axvline(chance, color="gray", linestyle=":", linewidth=1)
     bx.set_xlabel("held-out loss (lower = better aligned)")
     fig.suptitle(title or "vision-language alignment", fontsize=10)
-    fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save(fig, path, dpi=110)
     return fig
 
 

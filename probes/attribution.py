@@ -150,8 +150,13 @@ class ProbeScore:
 
         model, tap, seen = self.model, self.tap, []
         handle = tap.module.register_forward_hook(lambda m, a, out: seen.append(_unwrap(out)))
-        try:
-            model.get_image_features(pixel_values)
+        try:  # run only as far as the tap
+            if tap.name.startswith("vision.") or tap.prompt_index is not None:
+                model.vision_tower(pixel_values.to(model.vision_dtype))
+            elif tap.name == "depth" or tap.name.startswith("prompt."):
+                model.image_streams(pixel_values)
+            else:
+                model.get_image_features(pixel_values)
         finally:
             handle.remove()
         x = seen[0]
@@ -449,16 +454,18 @@ def plot_attribution(pixels: PixelAttribution, streams: StreamAttribution | None
                      has_global: bool = True):
     """One figure: the model's input image, |pixel attribution| over it, the stream shares and each
     stream's per-token |attribution| map. Saved as PNG when `path` is given; returns the figure.
-    (Kept here: probes.plots has no figure that combines pixel and stream attributions.)"""
-    import matplotlib
+    Agg canvas, no pyplot. (Kept here: probes.plots' `plot_attribution_overlay` draws one overlay;
+    this puts pixels, stream shares and per-stream token maps side by side.)"""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from probes.plots import save
 
     n_maps = len(streams.streams) if streams is not None else 0
     cols = 2 + (1 if streams is not None else 0) + n_maps
-    fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 2.9))
-    axes = np.atleast_1d(axes)
+    fig = Figure(figsize=(2.6 * cols, 3.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = np.atleast_1d(fig.subplots(1, cols))
     img = pixels.image if pixels.image is not None else np.zeros((*pixels.heat.shape, 3), np.uint8)
     axes[0].imshow(img)
     axes[0].set_title("input", fontsize=9)
@@ -489,10 +496,8 @@ def plot_attribution(pixels: PixelAttribution, streams: StreamAttribution | None
     t = pixels.target
     if t.get("kind") == "answer":
         fig.suptitle(f"{t['score']} of {t['first_token']!r} for answer {t['answer']!r}", fontsize=10)
-    fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save(fig, path, dpi=110)
     return fig
 
 

@@ -206,7 +206,8 @@ def train_heatmap_probe(train_feats, train_joints, test_feats, test_joints, *, i
                         n_deconv: int = 2, channels: int | Sequence[int] = 64, sigma: float = 2.0,
                         epochs: int = 10, batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.0,
                         alpha: float = 0.05, torso: tuple[int, int] | None = (1, 4), torso_alpha: float = 0.2,
-                        shift: bool = True, seed: int = 0, device: str = "cpu", progress: bool = True) -> dict:
+                        shift: bool = True, seed: int = 0, device: str = "cpu", threads: int | None = None,
+                        progress: bool = True) -> dict:
     """Train a DeconvHead on frozen features and report localisation quality.
 
     train_feats/test_feats: (n, C, H, W) features of any tap (numpy or torch); joints (n, K, 2)
@@ -219,8 +220,25 @@ def train_heatmap_probe(train_feats, train_joints, test_feats, test_joints, *, i
     torso length between joints ``torso``), ``pck_flip`` / ``pck_flip_torso`` (flip test, with
     the one-pixel shift if ``shift``) and ``pck_flip_noshift``, ``untrained`` (the same metrics
     for the freshly initialised head), ``mean_px_error``, ``per_joint``, ``curve`` (per epoch:
-    loss and test PCK) and the settings.
+    loss and test PCK) and the settings. ``threads``: torch CPU threads while training
+    (restored after; None leaves the current setting).
     """
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(max(1, int(threads)))
+    try:
+        return _train(train_feats, train_joints, test_feats, test_joints, image_size=image_size,
+                      train_visible=train_visible, test_visible=test_visible, flip_feats=flip_feats,
+                      flip_pairs=flip_pairs, n_deconv=n_deconv, channels=channels, sigma=sigma, epochs=epochs,
+                      batch_size=batch_size, lr=lr, weight_decay=weight_decay, alpha=alpha, torso=torso,
+                      torso_alpha=torso_alpha, shift=shift, seed=seed, device=device, progress=progress)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train(train_feats, train_joints, test_feats, test_joints, *, image_size, train_visible, test_visible, flip_feats,
+           flip_pairs, n_deconv, channels, sigma, epochs, batch_size, lr, weight_decay, alpha, torso, torso_alpha,
+           shift, seed, device, progress) -> dict:
     from tqdm.auto import tqdm
 
     Xtr = torch.as_tensor(np.asarray(train_feats) if not torch.is_tensor(train_feats) else train_feats).float()

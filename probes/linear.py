@@ -682,7 +682,7 @@ def probe_matrix(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequen
                  select: str = "inner", control: bool = True, pca: int | str | None = "auto",
                  pool: str = "mean", max_iter: int = 100, tol: float = 1e-4, seed: int = 0,
                  max_classes: int = 20, path: str = "warm", dtype: torch.dtype = torch.float32,
-                 progress: bool = True) -> ProbeMatrix:
+                 threads: int | None = None, progress: bool = True) -> ProbeMatrix:
     """Probe every tap's features for every label.
 
     features: tap -> (n, d) array ((n, N, D) token maps are pooled with ``pool``).
@@ -693,7 +693,28 @@ def probe_matrix(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequen
     Cs:       inverse L2 strengths (logistic C; ridge alpha = 1/C). ``select``: 'inner' | 'cv'.
     pca:      'auto' (reduce to 256 dims, fitted per split, when d > 512), an int, or None.
     path:     'warm' (solve C ascending, warm-starting each from the last) or 'joint' (all C at once).
+    threads:  torch threads while solving (restored after). None: 1 thread for small problems
+              (n * d < 2^21, where thread start-up and, on a busy machine, oversubscription cost
+              more than they give: measured 20x slower with 2 threads on a loaded 2-core box),
+              torch's current setting otherwise.
     """
+    n_rows = len(next(iter(labels.values()))) if labels else 0
+    widest = max((int(np.prod(np.shape(x)[1:])) for x in features.values()), default=0)
+    want = threads if threads is not None else (1 if n_rows * widest < 2 ** 21 else None)
+    old_threads = torch.get_num_threads()
+    if want is not None and want != old_threads:
+        torch.set_num_threads(max(1, int(want)))
+    try:
+        return _probe_matrix(features, labels, groups, types=types, tasks=tasks, Cs=Cs, n_folds=n_folds,
+                             select=select, control=control, pca=pca, pool=pool, max_iter=max_iter, tol=tol,
+                             seed=seed, max_classes=max_classes, path=path, dtype=dtype, progress=progress)
+    finally:
+        if torch.get_num_threads() != old_threads:
+            torch.set_num_threads(old_threads)
+
+
+def _probe_matrix(features, labels, groups, *, types, tasks, Cs, n_folds, select, control, pca, pool, max_iter,
+                  tol, seed, max_classes, path, dtype, progress) -> ProbeMatrix:
     if path not in ("warm", "joint"):
         raise ValueError(f"path={path!r}: use 'warm' (C path with warm starts) or 'joint'")
     if select not in ("inner", "cv"):

@@ -73,9 +73,10 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     m0 = np.cumsum(hist * centers)
     mu0 = m0 / np.maximum(w0, 1)
     mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    i = int(np.argmax(between[:-1]))
-    return float(edges[i + 1])
+    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-12))
+    # ties (e.g. an empty gap between two clusters) -> the middle of the tied cuts
+    return float(0.5 * (edges[best[0] + 1] + edges[best[-1] + 1]))
 
 
 def _patch_maps(maps: Sequence, grid: tuple[int, int] | None) -> list[np.ndarray]:

@@ -157,15 +157,6 @@ def subset_metrics(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
     return out
 
 
-def _shapley(players: list[str], value: Callable[[frozenset[str]], float]) -> dict[str, float]:
-    from probes.contributions import shapley_values
-
-    res = shapley_values(players, lambda s: value(frozenset(s)))
-    if isinstance(res, Mapping):
-        return {p: float(res[p]) for p in players}
-    return {p: float(v) for p, v in zip(players, np.asarray(res).ravel())}
-
-
 def stream_shapley(model, processor, rows: Sequence[Mapping[str, Any]], *, metric: str | Callable = "loglik",
                    mode: str = "zero", mean_features: Mapping[str, Any] | None = None, group_by: str = "type",
                    batch_size: int = 8, max_new_tokens: int = 8, progress: bool = False) -> dict[str, Any]:
@@ -175,6 +166,8 @@ def stream_shapley(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
     "shapley": {stream: value}, "efficiency_gap"}}, "subsets": [{"streams": [...], group: value, ...}]}.
     `efficiency_gap` = sum of Shapley values - (full - empty), zero up to rounding by construction.
     """
+    from probes.contributions import shapley_values
+
     per_row = subset_metrics(model, processor, rows, metric=metric, mode=mode, mean_features=mean_features,
                              batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
     players = list(model.stream_names)
@@ -182,41 +175,40 @@ def stream_shapley(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
     groups = {g: labels == g for g in sorted(set(labels.tolist()))}
     groups["all"] = np.ones(len(rows), dtype=bool)
     table = {s: {g: float(v[m].mean()) for g, m in groups.items()} for s, v in per_row.items()}
-    full, empty = frozenset(players), frozenset()
     result_groups = {}
     for g, m in groups.items():
-        phi = _shapley(players, lambda s, g=g: table[s][g])
-        gap = sum(phi.values()) - (table[full][g] - table[empty][g])
-        result_groups[g] = {"n": int(m.sum()), "full": table[full][g], "empty": table[empty][g], "shapley": phi,
-                            "efficiency_gap": float(gap)}
+        res = shapley_values(players, lambda s, g=g: table[frozenset(s)][g])
+        result_groups[g] = {"n": int(m.sum()), "full": res.full, "empty": res.empty, "shapley": dict(res.shapley),
+                            "efficiency_gap": res.efficiency_gap}
     subsets = [{"streams": [p for p in players if p in s], **table[s]} for s in all_subsets(players)]
     return {"players": players, "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
             "mode": mode, "n_rows": len(rows), "group_by": group_by, "groups": result_groups, "subsets": subsets}
 
 
-def plot_shapley(result: Mapping[str, Any], path: str | None = None, title: str | None = None):
-    """Grouped bars: one group per question type, one bar per stream (Shapley value). Returns the
-    figure; saves a PNG when `path` is given. (Kept here: probes.plots has no Shapley bar chart.)"""
-    import matplotlib
+def plot_shapley(result: Mapping[str, Any], path: Any = None, title: str | None = None):
+    """Grouped bars: one group per question type, one bar per stream (Shapley value); returns a
+    Figure (Agg canvas, no pyplot) and saves it when `path` is given. (Kept here: probes.plots'
+    `plot_shapley` draws one set of players, this one compares question types side by side.)"""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from probes.plots import save
 
     players = result["players"]
     groups = [g for g in result["groups"] if g != "all"] + (["all"] if "all" in result["groups"] else [])
     x = np.arange(len(groups))
     width = 0.8 / max(1, len(players))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) + 2), 3.6))
+    fig = Figure(figsize=(max(5.0, 1.1 * len(groups) + 2), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for i, p in enumerate(players):
         vals = [result["groups"][g]["shapley"][p] for g in groups]
         ax.bar(x + (i - (len(players) - 1) / 2) * width, vals, width, label=p)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(x, [f"{g}\n(n={result['groups'][g]['n']})" for g in groups], fontsize=8)
     ax.set_ylabel(f"Shapley value ({result['metric']})")
-    ax.set_title(title or f"stream contributions, absent streams = {result['mode']}")
+    ax.set_title(title or f"stream contributions, absent streams = {result['mode']}", fontsize=10)
     ax.legend(fontsize=8, ncol=min(4, len(players)))
-    fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save(fig, path, dpi=120)
     return fig

@@ -14,6 +14,15 @@ from probes.alignment import (TextModelUnavailable, alignment_by_stream, alignme
                               summary, text_features)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems are latency-bound: one intra-op thread is faster, and far faster on a busy machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def planted(n: int = 192, dv: int = 24, dt: int = 16, noise: float = 0.5, seed: int = 0):
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(n, dv)).astype(np.float32)

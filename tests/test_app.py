@@ -224,38 +224,72 @@ def _free_port() -> int:
 
 
 def test_real_browser_loads_the_app_without_an_error_box(run_dir, tmp_path):
-    """`streamlit run app.py` on a loopback port, loaded by headless Chromium; screenshot kept in tmp_path."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if chromium is None:
+    """`streamlit run app.py` on a free loopback port, driven by headless Chromium (selenium + the Debian
+    chromium-driver): the page title, the Overview with its gallery, then the Probe matrix with its charts,
+    and no error box (stException) anywhere. Screenshots are kept in tmp_path."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if chromium is None or driver_bin is None:
         pytest.fail("headless Chromium is not installed: run `make browser` (apt-get install -y chromium chromium-driver)")
     port = _free_port()
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     cmd = [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless", "true",
            "--server.address", "127.0.0.1", "--server.port", str(port), "--", "--root", str(run_dir.parent),
            "--store", str(run_dir / "store")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    browser = None
     try:
         url = f"http://127.0.0.1:{port}/"
-        for _ in range(120):
+        for _ in range(240):
             try:
                 urllib.request.urlopen(url + "_stcore/health", timeout=1)
                 break
             except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"streamlit exited: {proc.stdout.read().decode()[-2000:]}")
+                if server.poll() is not None:
+                    pytest.fail(f"streamlit exited: {server.stdout.read().decode()[-2000:]}")
                 time.sleep(0.5)
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                 f"--user-data-dir={tmp_path / 'chrome-profile'}", "--virtual-time-budget=25000",
-                 "--window-size=1400,1000"]
-        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        shot = tmp_path / "app.png"
-        subprocess.run([chromium, *flags, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = chromium
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1400,1000",
+                     f"--user-data-dir={tmp_path / 'chrome-profile'}"):
+            opts.add_argument(flag)
+        browser = webdriver.Chrome(options=opts, service=Service(executable_path=driver_bin))
+        browser.get(url)
+        wait = WebDriverWait(browser, 180, poll_frequency=0.5)
+
+        def settled(selector: str, n: int = 1):
+            def check(d):
+                running = d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"] button')
+                return len(d.find_elements(By.CSS_SELECTOR, selector)) >= n and not running
+            return check
+
+        wait.until(settled('[data-testid="stImage"] img', 6))
+        time.sleep(1.0)
+        assert browser.title == "Florence-VL workbench"
+        assert "Overview" in browser.find_element(By.TAG_NAME, "h2").text
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+        browser.save_screenshot(str(tmp_path / "overview.png"))
+        label = next(e for e in browser.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebar"] label')
+                     if e.text.strip() == "Probe matrix")
+        label.click()
+        wait.until(settled('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg', 3))
+        time.sleep(1.0)
+        assert "Probe matrix" in browser.find_element(By.TAG_NAME, "h2").text
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
+        browser.save_screenshot(str(tmp_path / "probe_matrix.png"))
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-    assert "<title>Florence-VL workbench</title>" in dom
-    assert "Overview" in dom and "stException" not in dom
-    assert shot.is_file() and shot.stat().st_size > 10_000
-    if os.environ.get("FVL_SCREENSHOT_COPY"):  # keep the screenshot somewhere to look at
-        shutil.copy(shot, os.environ["FVL_SCREENSHOT_COPY"])
+        if browser is not None:
+            browser.quit()
+        server.terminate()
+        server.wait(timeout=20)
+    for name in ("overview.png", "probe_matrix.png"):
+        shot = tmp_path / name
+        assert shot.is_file() and shot.stat().st_size > 30_000, f"{name} looks empty"
+        if os.environ.get("FVL_SCREENSHOT_DIR"):  # keep the screenshots somewhere to look at
+            shutil.copy(shot, Path(os.environ["FVL_SCREENSHOT_DIR"]) / name)

@@ -15,6 +15,15 @@ from probes.attribution import (AnswerScore, AttributionError, ProbeScore, linea
 from workbench.taps import ablate, capture
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are latency-bound: one intra-op thread is faster, and far faster on a busy machine."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="module")
 def tiny64():
     """Tiny preset at 64 px (5 image tokens): the same architecture, ~10x cheaper per forward."""
@@ -49,12 +58,12 @@ def test_integrated_gradients_completeness_on_pixels(tiny64, scene):
     model, processor = tiny64
     px = processor.images([scene])
     target = AnswerScore(model, processor, "What color is the circle?", "red")
-    res = pixel_attribution(model, px, target, method="ig", steps=32, internal_batch_size=32)
+    res = pixel_attribution(model, px, target, method="ig", steps=64, internal_batch_size=32)
     assert res.attributions.shape == (3, 64, 64) and res.heat.shape == (64, 64)
     diff = res.output - res.baseline_output
     assert abs(diff) > 1e-3  # the image matters, so the check below means something
     assert res.attributions.sum() - diff == pytest.approx(res.delta, abs=1e-4)  # delta is what it says
-    assert res.relative_delta < 0.02
+    assert res.relative_delta < 0.01
     top = res.top_pixels(5)
     assert len(top) == 5 and abs(top[0]["value"]) == pytest.approx(np.abs(res.heat).max())
     assert res.to_dict()["completeness"].startswith("sum(attr)")
@@ -99,8 +108,8 @@ def test_probe_target_matches_captured_tap_and_is_complete(tiny64, scene):
         value = score(px)
     expected = probe(cache["prompt.ocr.layer0"].double())[:, 2]
     assert float(value[0]) == pytest.approx(float(expected[0]), abs=1e-4)
-    res = pixel_attribution(model, px, score, steps=32, internal_batch_size=32)
-    assert res.relative_delta < 0.02 and res.target["tap"] == "prompt.ocr.layer0"
+    res = pixel_attribution(model, px, score, steps=64, internal_batch_size=32)
+    assert res.relative_delta < 0.05 and res.target["tap"] == "prompt.ocr.layer0"
     with pytest.raises(AttributionError, match="class_index"):
         ProbeScore(model, "depth", probe)(px)
 

@@ -136,6 +136,7 @@ def test_matrix_outputs_confusion_missing_labels_and_pca():
 def test_batched_solver_matches_sklearn_at_the_same_C():
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     for k in (2, 4):
         X, y = planted(n=300, d=10, k=k, strength=1.0, seed=k)
@@ -144,7 +145,9 @@ def test_batched_solver_matches_sklearn_at_the_same_C():
         folds = grouped_kfold(groups, 3, 0, y)
         for f, (tr, te) in enumerate(folds):
             sc = StandardScaler().fit(X[tr])
-            acc = (LogisticRegression().fit(sc.transform(X[tr]), y[tr]).predict(sc.transform(X[te])) == y[te]).mean()
+            with threadpool_limits(1):  # tiny fits: thread pools only add contention
+                clf = LogisticRegression().fit(sc.transform(X[tr]), y[tr])
+            acc = (clf.predict(sc.transform(X[te])) == y[te]).mean()
             assert abs(acc - r.score_folds[f]) <= 0.01
 
 
@@ -289,7 +292,6 @@ def test_plots_render(tmp_path):
     img = np.random.default_rng(0).integers(0, 255, (40, 48, 3)).astype(np.uint8)
     figs = {
         "matrix": plots.plot_probe_matrix(m),
-        "matrix_dict": plots.plot_probe_matrix(m.to_dict(), field="selectivity_mean"),
         "curve": plots.plot_regularisation_curve([m[("a", "y")], m[("b", "r")]]),
         "confusion": plots.plot_confusion(m[("a", "y")]),
         "cka": plots.plot_cka_matrix(*cka_matrix({"a": X, "b": X[:, :3]})),
@@ -303,7 +305,7 @@ def test_plots_render(tmp_path):
         "pck": plots.plot_pck_bars({"stage2": {"pck": 0.8, "pck_flip": 0.85, "untrained": {"pck": 0.01}}, "depth": 0.5}),
     }
     for name, fig in figs.items():
-        path = plots.save(fig, tmp_path / "sub" / f"{name}.png")
-        assert path.stat().st_size > 1000, name
+        path = plots.save(fig, tmp_path / "sub" / f"{name}.png", dpi=50)
+        assert path.stat().st_size > 500, name
     with pytest.raises(ValueError, match="regression"):
         plots.plot_confusion(m[("a", "r")])

@@ -77,6 +77,15 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def good_images(images, tmp_path_factory):
+    """Only the readable images (two of them), for tests about something else than bad files."""
+    d = tmp_path_factory.mktemp("good")
+    for name in ("good_L.png", "good_RGBA.png"):
+        shutil.copy(images / name, d / name)
+    return d
+
+
+@pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny):
     from model.builder import save_model
 
@@ -168,13 +177,9 @@ def test_unknown_names_in_the_python_api(tiny, tmp_path):
         FeatureStore(tmp_path / "s").load("prompt.nope")
 
 
-def test_fvl_capture_refuses_a_store_of_another_model_or_version(images, model_dir, tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("good_L.png", "good_RGBA.png"):
-        shutil.copy(images / name, data / name)
+def test_fvl_capture_refuses_a_store_of_another_model_or_version(good_images, model_dir, tmp_path, capsys):
     out = tmp_path / "store"
-    base = ["capture", "--data", str(data), "--taps", "depth", "--out", str(out)]
+    base = ["capture", "--data", str(good_images), "--taps", "depth", "--out", str(out)]
     assert fvl(base + ["--preset", "tiny"]) == 0
     for other, field in ((["--model", str(model_dir)], "model_id"), (["--preset", "tiny", "--taps", "prompt.ocr"], "taps")):
         capsys.readouterr()
@@ -350,15 +355,15 @@ def test_full_disk_during_index_append_keeps_the_store_readable(tmp_path, monkey
     np.testing.assert_array_equal(store.load("x")[:, 0], [1, 2, 3, 4])
 
 
-def test_fvl_capture_on_a_full_disk_says_so_and_resumes(images, tmp_path, monkeypatch, capsys):
+def test_fvl_capture_on_a_full_disk_says_so_and_resumes(good_images, tmp_path, monkeypatch, capsys):
     import workbench.store as store_mod
 
     fake = _FullDiskOs()
     fake.full = True
     monkeypatch.setattr(store_mod, "os", fake)
     out = tmp_path / "s"
-    argv = ["capture", "--preset", "tiny", "--data", str(images), "--taps", "depth", "--out", str(out),
-            "--shard-size", "2", "--limit", "4"]
+    argv = ["capture", "--preset", "tiny", "--data", str(good_images), "--taps", "depth", "--out", str(out),
+            "--shard-size", "1"]
     assert fvl(argv) == 2
     err = capsys.readouterr().err
     assert "disk is full" in err and "rerun the same command" in err and "Traceback" not in err
@@ -366,7 +371,7 @@ def test_fvl_capture_on_a_full_disk_says_so_and_resumes(images, tmp_path, monkey
     assert fvl(argv) == 0
     from workbench.store import FeatureStore
 
-    assert len(FeatureStore(out).items) == 4
+    assert len(FeatureStore(out).items) == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +416,7 @@ def _run_and_kill(tmp_path: Path, target: tuple[str, str, float], argv: list[str
     return rc
 
 
-def test_fvl_capture_killed_at_random_moments_then_rerun_equals_uninterrupted(tiny, images, tmp_path):
+def test_fvl_capture_killed_at_random_moments_then_rerun_equals_uninterrupted(model_dir, tmp_path):
     from workbench.store import FeatureStore
 
     data = tmp_path / "data"  # 12 readable images and one that fails
@@ -419,7 +424,8 @@ def test_fvl_capture_killed_at_random_moments_then_rerun_equals_uninterrupted(ti
     for i in range(12):
         _noise("RGB", (48 + i, 40)).rotate(i * 29).save(data / f"img{i:02d}.png")
     (data / "broken.png").write_bytes(b"not a png")
-    common = ["capture", "--preset", "tiny", "--data", str(data), "--taps", "depth,prompt.ocr,fusion.input",
+    # --model DIR (tokenizers on disk) rather than --preset: the child starts without training tokenizers
+    common = ["capture", "--model", str(model_dir), "--data", str(data), "--taps", "depth,prompt.ocr,fusion.input",
               "--pool", "grid2", "--batch-size", "2", "--shard-size", "2"]
     assert fvl(common + ["--out", str(tmp_path / "reference")]) == 1  # the broken image
     killed = tmp_path / "killed"
@@ -438,13 +444,13 @@ def test_fvl_capture_killed_at_random_moments_then_rerun_equals_uninterrupted(ti
         np.testing.assert_array_equal(got.load(tap), ref.load(tap))
 
 
-def test_fvl_train_killed_at_a_random_moment_then_resumed_matches_uninterrupted(tmp_path):
+def test_fvl_train_killed_at_a_random_moment_then_resumed_matches_uninterrupted(model_dir, tmp_path):
     from safetensors.torch import load_file
 
     from workbench.data.synth import synth_scenes
 
     synth_scenes(tmp_path / "data", 8, seed=4, image_size=64, workers=1, progress=False, log=None)
-    common = ["train", "finetune", "--preset", "tiny", "--data", str(tmp_path / "data"), "--max-steps", "8",
+    common = ["train", "finetune", "--model", str(model_dir), "--data", str(tmp_path / "data"), "--max-steps", "8",
               "--batch-size", "4", "--save-every", "1", "--save-total-limit", "2", "--quiet", "--seed", "5"]
     assert fvl(common + ["--out", str(tmp_path / "reference")]) == 0
     cut = tmp_path / "cut"

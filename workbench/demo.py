@@ -43,6 +43,8 @@ class DemoSettings:
     probe_folds: int = 5
     probe_select: str = "inner"  # how C is chosen: nested validation (unbiased) or the CV mean ("cv", faster)
     probe_Cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    probe_taps: tuple[str, ...] = ()  # () = every stored tap
+    probe_labels: tuple[str, ...] = PROBE_LABELS
     align_steps: int = 300
     n_attribute: int = 6
     attribute_steps: int = 16
@@ -55,7 +57,9 @@ class DemoSettings:
         """Tiny preset, 48 images, one epoch per stage: the whole pipeline in a few minutes (tests use it)."""
         epoch = {"epochs": 1.0, "batch_size": 16, "lr": 1e-3}
         return cls(preset="tiny", n_images=48, n_capture=48, pool="grid4", probe_folds=3, probe_select="cv",
-                   probe_Cs=(1e-3, 1e-2, 1e-1, 1.0, 10.0), align_steps=40,
+                   probe_Cs=(1e-2, 1e-1, 1.0, 10.0), probe_labels=("main_color", "has_text", "main_x"),
+                   probe_taps=("vision.stage3", "depth", "prompt.caption", "prompt.ocr", "prompt.grounding",
+                               "fusion.output"), align_steps=40,
                    n_attribute=2, attribute_steps=4, embed_method="pca", embed_taps=("depth", "fusion.output"),
                    recipe=(("florence2", epoch), ("pretrain", epoch), ("finetune", epoch),
                            ("florence2_eval_images", 4), ("save_every", 0)))
@@ -70,7 +74,8 @@ class DemoSettings:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["embed_taps"] = list(self.embed_taps)
-        d["probe_Cs"] = list(self.probe_Cs)
+        for k in ("probe_Cs", "probe_taps", "probe_labels"):
+            d[k] = list(getattr(self, k))
         d["recipe"] = dict(self.recipe)
         d["n_images"] = self.image_count()
         return d
@@ -307,7 +312,8 @@ def _step_capture(ctx: DemoContext) -> dict:
 
 def _step_probe(ctx: DemoContext) -> dict:
     s = ctx.settings
-    d = probe_store(ctx.path("store"), n_folds=s.probe_folds, select=s.probe_select, Cs=s.probe_Cs, progress=ctx.progress)
+    d = probe_store(ctx.path("store"), s.probe_labels, n_folds=s.probe_folds, taps=s.probe_taps or None,
+                    select=s.probe_select, Cs=s.probe_Cs, progress=ctx.progress)
     _write_json(ctx.path("probe/probe.json"), d)
     return {"probes": len(d["results"])}
 
@@ -348,7 +354,7 @@ STEPS: tuple[Step, ...] = (
          ("preset", "seed", "recipe")),
     Step("capture", "store", _step_capture, "capture features into the store", ("pool", "n_capture")),
     Step("probe", "probe/probe.json", _step_probe, "linear probes per tap and label",
-         ("probe_folds", "probe_select", "probe_Cs")),
+         ("probe_folds", "probe_select", "probe_Cs", "probe_taps", "probe_labels")),
     Step("align", "align/alignment.json", _step_align, "vision-language alignment per stream", ("align_steps", "seed")),
     Step("attribute", "attribute/attribution.json", _step_attribute, "pixel and stream attributions",
          ("n_attribute", "attribute_steps")),

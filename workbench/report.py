@@ -16,19 +16,20 @@ import numpy as np
 FIG_DIR = "figures"
 
 
-def _plt():
-    import matplotlib
+def _figure(w: float, h: float):
+    """A matplotlib Figure on an Agg canvas (no pyplot state: safe in threads and inside the app)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(w, h), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
+    from probes.plots import save
+
+    save(fig, path, dpi=110)
     return f"{FIG_DIR}/{path.name}"
 
 
@@ -62,9 +63,9 @@ def fig_samples(data_dir: Path, out: Path, n: int = 8) -> str | None:
     rows = load_scenes(data_dir)[:n]
     if not rows:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(rows), figsize=(2.2 * len(rows), 2.6))
-    for ax, r in zip(np.atleast_1d(axes), rows):
+    fig = _figure(2.2 * len(rows), 2.6)
+    axes = fig.subplots(1, len(rows), squeeze=False)[0]
+    for ax, r in zip(axes, rows):
         ax.imshow(load_image(data_dir / r["image"]))
         lab = r.get("labels", {})
         ax.set_title(f"{lab.get('main_color')} {lab.get('main_shape')}\ntext: {lab.get('word')}", fontsize=8)
@@ -73,33 +74,10 @@ def fig_samples(data_dir: Path, out: Path, n: int = 8) -> str | None:
 
 
 def fig_probe(matrix: dict[str, Any], out: Path) -> str:
-    """Probe score and selectivity per tap (rows, input to output) and label (columns)."""
-    from workbench.app_views.compute import probe_rows
+    """Probe score per tap and label, annotated with selectivity (`probes.plots.plot_probe_matrix`)."""
+    from probes.plots import plot_probe_matrix
 
-    rows = probe_rows(matrix)
-    taps = [t for t, _ in sorted({(r["tap"], r["order"]) for r in rows}, key=lambda x: (x[1], x[0]))]
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 0.75 * len(labels) * 2, 1.2 + 0.3 * len(taps)))
-    for ax, key, cmap, title in ((axes[0], "score", "viridis", "probe score (accuracy / R²)"),
-                                 (axes[1], "selectivity", "RdBu_r", "selectivity (score - control)")):
-        m = np.full((len(taps), len(labels)), np.nan)
-        for r in rows:
-            if r[key] is not None:
-                m[taps.index(r["tap"]), labels.index(r["label"])] = r[key]
-        lim = np.nanmax(np.abs(m)) if key == "selectivity" and np.isfinite(m).any() else None
-        im = ax.imshow(m, cmap=cmap, aspect="auto", vmin=-lim if lim else None, vmax=lim)
-        for i in range(len(taps)):
-            for j in range(len(labels)):
-                if np.isfinite(m[i, j]):
-                    ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if key == "score" and m[i, j] < np.nanmean(m) else "black")
-        ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=7)
-        ax.set_yticks(range(len(taps)), taps, fontsize=7)
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    return _save(fig, out)
+    return _save(plot_probe_matrix(matrix), out)
 
 
 def fig_attribution(run: Path, records: list[dict[str, Any]], out: Path) -> str | None:
@@ -112,8 +90,8 @@ def fig_attribution(run: Path, records: list[dict[str, Any]], out: Path) -> str 
         return None
     streams = list((recs[0].get("streams") or {}).get("token_maps") or {})
     cols = 2 + len(streams)
-    plt = _plt()
-    fig, axes = plt.subplots(len(recs), cols, figsize=(2.1 * cols, 2.3 * len(recs)), squeeze=False)
+    fig = _figure(2.1 * cols, 2.3 * len(recs))
+    axes = fig.subplots(len(recs), cols, squeeze=False)
     for i, r in enumerate(recs):
         img = np.asarray(load_image(run / r["image"]).resize((224, 224)))
         axes[i, 0].imshow(img)
@@ -130,13 +108,15 @@ def fig_attribution(run: Path, records: list[dict[str, Any]], out: Path) -> str 
             ax.set_title(f"{name} {s.get('shares', {}).get(name, 0):.0%}", fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
-    fig.tight_layout()
     return _save(fig, out)
 
 
-def fig_feature_maps(store_path: Path, data_dir: Path, out: Path, n_images: int = 2) -> str | None:
-    """PCA-as-RGB maps of the last layer of each prompt next to V, one basis per image."""
-    from workbench.app_views.compute import dataset_images, pca_rgb, spatial_taps, to_grid
+def fig_feature_maps(store_path: Path, data_dir: Path, out: Path, n_images: int = 3) -> str | None:
+    """PCA-as-RGB maps of V and of the last layer of each prompt, one shared PCA per image
+    (`probes.projection.pca_rgb_many`, drawn by `probes.plots.plot_pca_rgb_grid`)."""
+    from probes.plots import plot_pca_rgb_grid
+    from probes.projection import pca_rgb_many
+    from workbench.app_views.compute import dataset_images, spatial_taps, to_grid
     from workbench.data.images import load_image
     from workbench.store import FeatureStore
 
@@ -147,54 +127,35 @@ def fig_feature_maps(store_path: Path, data_dir: Path, out: Path, n_images: int 
         return None
     items = store.items[:n_images]
     paths = dataset_images(data_dir, items)
+    if len(paths) < len(items):
+        return None
     pool = str(store.manifest.get("pool"))
-    plt = _plt()
-    fig, axes = plt.subplots(len(items), len(cols) + 1, figsize=(2.2 * (len(cols) + 1), 2.3 * len(items)), squeeze=False)
-    for i, item in enumerate(items):
+    grid = {}
+    for item in items:
         grids = {t: to_grid(store.load(t, [item], dtype="float32")[0], pool) for t in cols}
-        rgb = pca_rgb(grids)
-        if item in paths:
-            axes[i, 0].imshow(load_image(paths[item]))
-        axes[i, 0].set_title(item, fontsize=7)
-        for k, t in enumerate(cols):
-            axes[i, k + 1].imshow(rgb[t], interpolation="nearest")
-            axes[i, k + 1].set_title(t, fontsize=7)
-        for ax in axes[i]:
-            ax.axis("off")
-    fig.suptitle("PCA of the tokens as RGB (one basis per image: equal colours = similar features)", fontsize=9)
-    fig.tight_layout()
+        grid[item] = pca_rgb_many(grids, background="none")
+    fig = plot_pca_rgb_grid(grid, col_names=cols, images=[np.asarray(load_image(paths[i])) for i in items])
     return _save(fig, out)
 
 
-def fig_umap(store_path: Path, umap: dict[str, Any], out: Path, label: str = "main_color") -> str | None:
+def fig_umap(store_path: Path, umap: dict[str, Any], out: Path, label: str = "main_color") -> list[str]:
+    """One scatter per embedded tap, coloured by a label (`probes.plots.plot_embedding`)."""
+    from probes.plots import plot_embedding
     from workbench.store import FeatureStore
 
-    if not umap:
-        return None
     store = FeatureStore(store_path)
     labels = store.labels()
     if label not in labels:
         label = next(iter(labels), None)
-    taps = list(umap)[:4]
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(taps), figsize=(3.4 * len(taps), 3.2), squeeze=False)
     order = {i: k for k, i in enumerate(store.items)}
-    for ax, tap in zip(axes[0], taps):
-        xy = np.asarray(umap[tap]["xy"])
-        lab = [str(labels[label][order[i]]) if label else "" for i in umap[tap]["ids"]]
-        for v in sorted(set(lab)):
-            m = np.array([x == v for x in lab])
-            ax.scatter(xy[m, 0], xy[m, 1], s=8, label=v, color=v if v in _NAMED else None)
-        ax.set_title(tap, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0][-1].legend(fontsize=6, title=label, title_fontsize=7, loc="best", markerscale=1.5)
-    fig.suptitle(f"UMAP of mean-pooled features, coloured by {label}", fontsize=9)
-    fig.tight_layout()
-    return _save(fig, out)
-
-
-_NAMED = {"red", "yellow", "green", "cyan", "blue", "purple", "black"}
+    files = []
+    for tap in list(umap)[:3]:
+        rec = umap[tap]
+        lab = [labels[label][order[i]] for i in rec["ids"]] if label else None
+        fig = plot_embedding(np.asarray(rec["xy"]), lab,
+                             title=f"{rec.get('method', 'umap').upper()} of {tap} (mean-pooled), colour: {label}")
+        files.append(_save(fig, out.with_name(f"{out.stem}_{tap.replace('.', '_')}.png")))
+    return files
 
 
 # --------------------------------------------------------------------------- the report
@@ -212,7 +173,7 @@ def _probe_findings(matrix: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_report(run: str | Path) -> Path:
     """Write RUN/report.md and RUN/figures/*.png from whatever results RUN holds."""
-    from workbench.demo import app_command
+    from workbench.demo import STEPS, app_command
 
     run = Path(run)
     figs = run / FIG_DIR
@@ -220,7 +181,9 @@ def write_report(run: str | Path) -> Path:
     md: list[str] = [f"# Florence-VL workbench demo report\n",
                      f"Run directory `{run}`, written {time.strftime('%Y-%m-%d %H:%M')}. "
                      f"Explore it interactively: `{app_command(run)}`.\n"]
-    steps = {p.stem: _json(p) for p in sorted((run / ".steps").glob("*.json"))}
+    order = [s.name for s in STEPS]
+    steps = {p.stem: _json(p) for p in sorted((run / ".steps").glob("*.json"),
+                                             key=lambda p: order.index(p.stem) if p.stem in order else 99)}
     if steps:
         md.append("## Pipeline\n")
         md.append(_table([{"step": k, "seconds": (v or {}).get("seconds"), "finished": (v or {}).get("finished")}
@@ -317,10 +280,10 @@ def write_report(run: str | Path) -> Path:
 
     umap = _json(run / "project" / "umap.json")
     if umap and sm:
-        f = fig_umap(store, umap, figs / "umap.png")
-        if f:
+        files = fig_umap(store, umap, figs / "embedding.png")
+        if files:
             md.append("## Embeddings\n")
-            md.append(f"![umap]({f})\n")
+            md.append(" ".join(f"![embedding]({f})" for f in files) + "\n")
     md.append("## Explore\n")
     md.append(f"```\n{app_command(run)}\n```\n")
     path = run / "report.md"

@@ -227,40 +227,27 @@ def live_run(model, processor, image, question: str, max_new_tokens: int = 16) -
 
 
 # --------------------------------------------------------------------------- PCA-as-RGB and differences
-def pca_rgb(grids: dict[str, np.ndarray], clip: float = 1.0) -> dict[str, np.ndarray]:
-    """The paper's PCA-as-RGB maps with ONE basis for all given grids (same channel count), so equal
-    colours mean similar features across taps and prompts: the first three principal components of
-    all tokens, each scaled to [0, 1] between its `clip` and 100-`clip` percentiles."""
-    from sklearn.decomposition import PCA
+def pca_rgb(grids: dict[str, np.ndarray], background: str = "none") -> dict[str, np.ndarray]:
+    """The paper's PCA-as-RGB maps with ONE shared PCA for all given (h, w, D) grids (same D), so equal
+    colours mean similar features across taps and prompts (`probes.projection.pca_rgb_many`);
+    returns {name: (h, w, 3) uint8}."""
+    from probes.projection import pca_rgb_many
 
     if not grids:
         return {}
-    dims = {g.shape[-1] for g in grids.values()}
-    if len(dims) != 1:
-        raise ValueError(f"one PCA basis needs one channel count; got {sorted(dims)} (group the taps by width)")
-    flat = {k: g.reshape(-1, g.shape[-1]).astype(np.float64) for k, g in grids.items()}
-    X = np.concatenate(list(flat.values()))
-    k = min(3, X.shape[0], X.shape[1])
-    Z = PCA(n_components=k, random_state=0).fit_transform(X - X.mean(0))
-    if k < 3:
-        Z = np.concatenate([Z, np.zeros((Z.shape[0], 3 - k))], axis=1)
-    lo, hi = np.percentile(Z, clip, axis=0), np.percentile(Z, 100 - clip, axis=0)
-    Z = np.clip((Z - lo) / np.where(hi > lo, hi - lo, 1.0), 0, 1)
-    out, start = {}, 0
-    for name, g in grids.items():
-        n = g.shape[0] * g.shape[1]
-        out[name] = Z[start:start + n].reshape(g.shape[0], g.shape[1], 3)
-        start += n
-    return out
+    return {k: v.rgb for k, v in pca_rgb_many(dict(grids), background=background).items()}
 
 
-def difference_maps(grids: dict[str, np.ndarray], reference: str) -> dict[str, np.ndarray]:
-    """Per-token relative change of each grid from `reference` (same shape): ||x - r|| / mean ||r||.
-    With reference = the depth stream V this shows where each prompt's encoder pass changed V most."""
-    ref = grids[reference].astype(np.float64)
-    scale = float(np.linalg.norm(ref, axis=-1).mean()) or 1.0
-    return {k: np.linalg.norm(g.astype(np.float64) - ref, axis=-1) / scale
-            for k, g in grids.items() if k != reference and g.shape == ref.shape}
+def difference_maps(grids: dict[str, np.ndarray], reference: str, metric: str = "distance") -> dict[str, np.ndarray]:
+    """Per-patch change of each (h, w, D) grid from `reference` (`probes.similarity.difference_maps`):
+    "distance" = 1 - cosine, "l2" = ||x - r|| / ||r||. With reference = the depth stream V this shows
+    where each prompt's encoder pass changed V most."""
+    from probes.similarity import difference_maps as _diff
+
+    same = {k: g for k, g in grids.items() if g.shape == grids[reference].shape}
+    flat = {k: g.reshape(-1, g.shape[-1]) for k, g in same.items()}
+    h, w = grids[reference].shape[:2]
+    return _diff(flat, reference=reference, grid=(h, w), metric=metric)
 
 
 def layout_rows(taps: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -277,36 +264,24 @@ def layout_rows(taps: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def embed_2d(X: np.ndarray, method: str = "umap", n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
-    """(n, ...) features -> (n, 2): token maps mean-pooled, standardised, then UMAP or PCA."""
+    """(n, ...) features -> (n, 2): token maps mean-pooled, standardised, then `probes.projection.embed_2d`
+    (UMAP, or PCA)."""
     from probes.linear import pool_tokens
+    from probes.projection import embed_2d as _embed
 
     Z = pool_tokens(np.asarray(X, dtype=np.float32), "mean") if np.ndim(X) > 2 else np.asarray(X, dtype=np.float32)
     Z = (Z - Z.mean(0)) / (Z.std(0) + 1e-6)
-    if method == "pca" or len(Z) < 5:
-        from sklearn.decomposition import PCA
-
-        out = PCA(n_components=2, random_state=seed).fit_transform(Z)
-    elif method == "umap":
-        import umap
-
-        out = umap.UMAP(n_neighbors=min(n_neighbors, len(Z) - 1), random_state=seed, n_jobs=1).fit_transform(Z)
-    else:
-        raise ValueError(f"embedding method {method!r} is not 'umap' or 'pca'")
-    return np.asarray(out, dtype=np.float64)
+    return np.asarray(_embed(Z, method=method, seed=seed, n_neighbors=n_neighbors).coords, dtype=np.float64)
 
 
 def cka_matrix(features: dict[str, np.ndarray]) -> np.ndarray:
-    """Linear CKA between every pair of feature sets (rows aligned; token maps mean-pooled)."""
+    """Linear CKA between every pair of feature sets (rows aligned; token maps mean-pooled first),
+    by `probes.similarity.cka_matrix`."""
     from probes.linear import pool_tokens
-    from probes.similarity import linear_cka
+    from probes.similarity import cka_matrix as _cka
 
-    names = list(features)
     pooled = {k: pool_tokens(np.asarray(v, dtype=np.float64), "mean") for k, v in features.items()}
-    m = np.eye(len(names))
-    for i in range(len(names)):
-        for j in range(i + 1, len(names)):
-            m[i, j] = m[j, i] = float(linear_cka(pooled[names[i]], pooled[names[j]]))
-    return m
+    return np.asarray(_cka(pooled)[1])
 
 
 def compare_parts(data: Any) -> tuple[dict[str, list[dict]], dict[str, tuple[list[str], list[list[float]]]]]:

@@ -15,7 +15,11 @@ TILE = 168
 
 
 def _tile(rgb: np.ndarray) -> np.ndarray:
-    return (compute.upsample_nearest(rgb, TILE) * 255).clip(0, 255).astype(np.uint8)
+    """(h, w, 3) uint8 (or floats in [0, 1]) -> a TILE-sized image of crisp token blocks."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8:
+        rgb = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    return compute.upsample_nearest(rgb, TILE)
 
 
 def _heat_tile(values: np.ndarray, vmax: float) -> np.ndarray:
@@ -25,11 +29,13 @@ def _heat_tile(values: np.ndarray, vmax: float) -> np.ndarray:
     return _tile(colormaps["magma"](v)[..., :3])
 
 
-def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None) -> None:
-    """PCA-RGB rows (one basis per row, so colours compare across the prompts of a row) and difference maps."""
+def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None, key: str = "fmap") -> None:
+    """PCA-RGB rows (one PCA per row, so colours compare across the prompts of a row) and difference maps."""
     if not grids:
         st.info("No spatial taps to draw.")
         return
+    background = st.radio("background", ["none", "otsu"], horizontal=True, key=f"{key}_bg",
+                          help="otsu: split PC1 by Otsu's threshold and black out the background (DINOv2 style)")
     rows = compute.layout_rows(list(grids))
     prompt_rows = [(k, t) for k, t in rows if all(x.startswith("prompt.") for x in t)]
     for key, taps in rows:
@@ -37,7 +43,7 @@ def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None) ->
             continue  # depth V is drawn at the head of every prompt row
         members = (["depth"] if "depth" in grids and all(t.startswith("prompt.") for t in taps) else []) + taps
         try:
-            rgb = compute.pca_rgb({t: grids[t] for t in members})
+            rgb = compute.pca_rgb({t: grids[t] for t in members}, background=background)
         except ValueError:
             continue
         st.markdown(f"**{key}**" + (" (depth V, then each prompt)" if members[0] == "depth" and len(members) > 1 else ""))
@@ -52,8 +58,9 @@ def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None) ->
                                    width="stretch")
     if "depth" in grids and prompt_rows:
         st.subheader("Difference maps: where each prompt changed V")
-        key = st.selectbox("encoder layer", [k for k, _ in prompt_rows], index=len(prompt_rows) - 1, key="diff_layer")
-        taps = dict(prompt_rows)[key]
+        layer = st.selectbox("encoder layer", [k for k, _ in prompt_rows], index=len(prompt_rows) - 1,
+                             key=f"{key}_diff_layer")
+        taps = dict(prompt_rows)[layer]
         diffs = compute.difference_maps({"depth": grids["depth"], **{t: grids[t] for t in taps}}, "depth")
         if diffs:
             vmax = max(float(d.max()) for d in diffs.values())
@@ -63,8 +70,8 @@ def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None) ->
             for j, (t, d) in enumerate(diffs.items()):
                 cols[j + (1 if image is not None else 0)].image(
                     _heat_tile(d, vmax), width="stretch",
-                    caption=f"{t}: mean {d.mean():.2f}, max {d.max():.2f} (x mean |V|)")
-            st.caption("||prompt features - V|| per token, relative to the mean norm of V; one colour scale for all.")
+                    caption=f"{t}: mean {d.mean():.2f}, max {d.max():.2f}")
+            st.caption("1 - cosine(prompt features, V) per patch; one colour scale for all prompts.")
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

@@ -159,3 +159,50 @@ def make_stick_figures(n: int, size: int | tuple[int, int] = 64, seed: int = 0, 
             hidden = (pose[:, 0] + 0.5 >= x0) & (pose[:, 0] + 0.5 <= x1) & (pose[:, 1] + 0.5 >= y0) & (pose[:, 1] + 0.5 <= y1)
             visible[i] &= ~hidden
     return StickFigures(images, joints, visible)
+
+
+def write_stick_figures(out: str, n: int, size: int = 64, seed: int = 0, test_fraction: float = 0.25,
+                        flips: bool = True, noise: float = 0.04, occlude_prob: float = 0.0) -> dict:
+    """Write a stick-figure dataset for capture + ``fvl heatmap``.
+
+    Layout: ``OUT/images/sf000000.png`` (and ``sf000000_flip.png``, the mirrored image, when
+    ``flips``), ``OUT/joints.json`` ({stem: {"joints", "visible", "split", "flip_of"}}, flipped
+    entries carry the mirrored, relabelled joints) and ``OUT/manifest.json``. Capture features
+    with ``fvl capture --data OUT/images --pool none``; store items are matched to joints by
+    file stem. The last ``test_fraction`` of figures is the test split. Existing files are
+    overwritten (the output is a pure function of the arguments)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from PIL import Image
+
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction}: give a fraction between 0 and 1")
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    sf = make_stick_figures(n, size, seed=seed, noise=noise, occlude_prob=occlude_prob)
+    mirrored = sf.flipped()
+    n_test = max(1, int(round(n * test_fraction)))
+    table: dict[str, dict] = {}
+
+    def put(stem: str, img: np.ndarray, joints: np.ndarray, vis: np.ndarray, split: str, flip_of: str | None):
+        path = root / "images" / f"{stem}.png"
+        tmp = path.with_name(f".{stem}.tmp.png")
+        Image.fromarray(img).save(tmp)
+        os.replace(tmp, path)
+        table[stem] = {"joints": joints.round(4).tolist(), "visible": vis.astype(bool).tolist(), "split": split,
+                       "flip_of": flip_of}
+
+    for i in range(n):
+        split = "test" if i >= n - n_test else "train"
+        stem = f"sf{i:06d}"
+        put(stem, sf.images[i], sf.joints[i], sf.visible[i], split, None)
+        if flips:
+            put(f"{stem}_flip", mirrored.images[i], mirrored.joints[i], mirrored.visible[i], split, stem)
+    meta = {"kind": "stick_figures", "n": n, "size": size, "seed": seed, "test_fraction": test_fraction,
+            "flips": flips, "noise": noise, "occlude_prob": occlude_prob, "joint_names": list(JOINT_NAMES),
+            "flip_pairs": [list(p) for p in FLIP_PAIRS], "coordinates": "pixel centres at integers (x, y)"}
+    (root / "joints.json").write_text(json.dumps(table))
+    (root / "manifest.json").write_text(json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,99 @@
+"""`fvl probe`, `fvl similarity` and `fvl heatmap` over small hand-written feature stores."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from workbench.cli import main
+from workbench.store import StoreWriter
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def token_store(path, n=40, seed=0):
+    """depth / prompt.caption / prompt.ocr token maps (17 tokens = 4x4 + global) with a planted colour signal."""
+    rng = np.random.default_rng(seed)
+    taps = {"depth": [17, 8], "prompt.caption": [17, 8], "prompt.ocr": [17, 8], "vision.stage1": [6, 4, 4]}
+    manifest = {"model_id": "test", "dtype": "float32", "taps": {t: {"shape": s} for t, s in taps.items()}}
+    colours = ["red", "green", "blue"]
+    with StoreWriter(path, manifest) as w:
+        for i in range(n):
+            c = i % 3
+            depth = rng.normal(size=(17, 8)).astype(np.float32)
+            depth[:, c] += 2.0
+            feats = {"depth": depth, "prompt.caption": depth + 0.3 * rng.normal(size=(17, 8)).astype(np.float32),
+                     "prompt.ocr": rng.normal(size=(17, 8)).astype(np.float32),
+                     "vision.stage1": rng.normal(size=(6, 4, 4)).astype(np.float32)}
+            w.add(f"img{i:03d}", feats, labels={"colour": colours[c], "x": float(depth[0, c]), "const": 1,
+                                                "name": f"img{i:03d}"})
+    return path
+
+
+def test_fvl_probe_writes_matrix(tmp_path, capsys):
+    store = token_store(tmp_path / "store")
+    rc = main(["probe", "--store", str(store), "--out", str(tmp_path / "out"), "--cs", "0.1,1", "--folds", "3",
+               "--select", "cv", "--json"])
+    assert rc == 0
+    d = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert set(d["labels"]) == {"colour", "x"}                 # constant and id-like labels are skipped
+    assert set(d["settings"]["skipped_labels"]) == {"const", "name"}
+    by = {(r["tap"], r["label"]): r for r in d["results"]}
+    assert by[("depth", "colour")]["score_mean"] > 0.8 > by[("prompt.ocr", "colour")]["score_mean"]
+    assert (tmp_path / "out" / "probe.png").stat().st_size > 0 and (tmp_path / "out" / "probe.md").exists()
+    assert main(["probe", "--store", str(store), "--out", str(tmp_path / "o2"), "--labels", "nope"]) == 2
+    assert "--labels" in capsys.readouterr().err
+
+
+def test_fvl_similarity_cka_maps_and_embedding(tmp_path):
+    store = token_store(tmp_path / "store")
+    out = tmp_path / "sim"
+    rc = main(["similarity", "--store", str(store), "--out", str(out), "--items", "img001", "--embed", "colour",
+               "--method", "pca", "--taps", "depth,prompt.caption,prompt.ocr"])
+    assert rc == 0
+    d = json.loads((out / "similarity.json").read_text())
+    names = d["cka"]["labels"]
+    m = np.array(d["cka"]["matrix"])
+    assert names == ["depth", "prompt.caption", "prompt.ocr"] and np.allclose(np.diag(m), 1)
+    assert m[0, 1] > m[0, 2]
+    item = d["items"]["img001"]
+    assert item["reference"] == "depth" and item["mean_cosine"]["prompt.caption"] > item["mean_cosine"]["prompt.ocr"]
+    for f in ("cka.png", "diff_img001.png", "pca_img001.png", "embed_depth.png"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_fvl_heatmap_figures_and_probe(tmp_path):
+    import torch.nn.functional as F
+
+    from workbench.data.stick_figures import FLIP_PAIRS
+
+    fig_dir = tmp_path / "fig"
+    assert main(["heatmap", "figures", "--out", str(fig_dir), "--n", "24", "--size", "32"]) == 0
+    table = json.loads((fig_dir / "joints.json").read_text())
+    assert len(table) == 48 and table["sf000000_flip"]["flip_of"] == "sf000000"
+    assert sum(r["split"] == "test" for r in table.values()) == 12   # 6 figures + their mirrors
+    # stand-in for `fvl capture --data fig/images --pool none`: 4x average-pooled pixels as a spatial tap
+    from PIL import Image
+
+    manifest = {"model_id": "test", "dtype": "float32", "taps": {"vision.stage0": {"shape": [3, 8, 8]}}}
+    with StoreWriter(tmp_path / "store", manifest) as w:
+        for stem in sorted(table):
+            img = torch.from_numpy(np.array(Image.open(fig_dir / "images" / f"{stem}.png"))).permute(2, 0, 1).float()
+            w.add(f"{stem}.png", {"vision.stage0": F.avg_pool2d(img[None] / 255, 4)[0].numpy()})
+    out = tmp_path / "hm"
+    rc = main(["heatmap", "probe", "--store", str(tmp_path / "store"), "--figures", str(fig_dir), "--out", str(out),
+               "--epochs", "1", "--channels", "8", "--batch-size", "8", "--json"])
+    assert rc == 0
+    d = json.loads((out / "heatmap.json").read_text())
+    r = d["results"]["vision.stage0"]
+    assert r["heatmap_size"] == [32, 32] and r["n_train"] == 18 and r["n_test"] == 6 and "pck_flip" in r
+    assert (out / "pck.png").stat().st_size > 0
+    assert FLIP_PAIRS == ((2, 3), (5, 6), (7, 8))
