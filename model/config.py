@@ -147,9 +147,15 @@ class FlorenceVLConfig(PreTrainedConfig):
 
     def fingerprint(self) -> str:
         """Short hash of the architecture (used by feature stores to refuse mixing models)."""
-        d = self.to_dict()
-        for key in ("transformers_version", "preset", "_name_or_path", "architectures", "dtype"):
-            d.pop(key, None)
+        volatile = {"transformers_version", "preset", "_name_or_path", "architectures", "dtype", "torch_dtype",
+                    "_attn_implementation_autoset", "_attn_implementation"}
+
+        def strip(obj):  # dtype and bookkeeping fields change on save/load, not the architecture
+            if isinstance(obj, dict):
+                return {k: strip(v) for k, v in obj.items() if k not in volatile}
+            return obj
+
+        d = strip(self.to_dict())
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

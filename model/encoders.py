@@ -115,7 +115,9 @@ class VisionEncoder(nn.Module):
     stream_names: ordered stream names; single-stream encoders give ["depth"].
     hidden_size: channel width D of every stream.
     forward(pixel_values (B, 3, H, W)) -> OrderedDict {stream: (B, N, D)}, token 0 global.
-    tap_modules(): tap name -> module whose forward output is that tap (hook-able, actually called).
+    tap_modules(): tap name -> module whose forward output is that tap (hook-able, actually called):
+        vision.stage{s} (B, C, H, W) and/or vision.block{j} / vision.layer{i}. The `depth` tap is the
+        forward output itself; Florence-VL hooks it at its own stream hook point.
     """
 
     kind: str = ""
@@ -194,7 +196,7 @@ class ClipEncoder(VisionEncoder):
     """transformers' CLIPVisionModel; depth = all last-layer tokens (CLS first), projected to hidden_size.
 
     Other image sizes than config image_size work through interpolate_pos_encoding.
-    Taps: vision.layer{i} (B, T, C) on the encoder layers; depth (B, N, D) on the projection.
+    Taps: vision.layer{i} (B, T, C) on the encoder layers.
     """
 
     kind = "clip"
@@ -235,7 +237,6 @@ class ClipEncoder(VisionEncoder):
 
     def tap_modules(self) -> dict[str, nn.Module]:
         taps = {f"vision.layer{i}": layer for i, layer in enumerate(self._layers())}
-        taps["depth"] = self.projection
         return taps
 
 
@@ -322,7 +323,6 @@ class CvtEncoder(VisionEncoder):
 
     def tap_modules(self) -> dict[str, nn.Module]:
         taps = {f"vision.stage{s}": tap for s, tap in enumerate(self.stage_taps)}
-        taps["depth"] = self.projection
         return taps
 
 
@@ -333,8 +333,7 @@ class DavitEncoder(VisionEncoder):
 
     depth = [mean token ; h*w tokens] after 2-D position + temporal embedding, Linear, LayerNorm,
     exactly Florence-2's V. hidden_size = projection_dim (BART d_model in the full model).
-    Taps: vision.stage{s} on vision_tower.blocks.{s}.{depths[s]-1}; vision.block{j} on every block;
-    depth on the projector.
+    Taps: vision.stage{s} on vision_tower.blocks.{s}.{depths[s]-1}; vision.block{j} on every block.
     """
 
     kind = "davit"
@@ -400,7 +399,6 @@ class DavitEncoder(VisionEncoder):
                 taps[f"vision.block{j}"] = block
                 j += 1
             taps[f"vision.stage{s}"] = blocks[len(blocks) - 1]
-        taps["depth"] = self.projector
         return taps
 
 
@@ -419,7 +417,7 @@ class CycleEncoder(VisionEncoder):
     """
 
     kind = "cycle"
-    DEFAULTS = dict(backbone="davit", backbone_config={}, head_dim=32, seed=0, weights=None)
+    DEFAULTS = dict(backbone="davit", backbone_config={}, hidden_size=64, head_dim=32, seed=0, weights=None)
 
     def __init__(self, config: dict | None = None):
         cfg = _merge_config(self.kind, self.DEFAULTS, config)
@@ -428,6 +426,10 @@ class CycleEncoder(VisionEncoder):
             raise ValueError(f"cycle encoder: backbone={cfg['backbone']!r}; choose davit, clip or cvt")
         bcfg = dict(cfg["backbone_config"])
         bcfg.setdefault("seed", cfg["seed"])
+        # hidden_size lives at the top level like every other kind (FlorenceVLConfig reads it there)
+        if bcfg.setdefault("hidden_size", cfg["hidden_size"]) != cfg["hidden_size"]:
+            raise ValueError(f"cycle encoder: hidden_size={cfg['hidden_size']} but backbone_config hidden_size="
+                             f"{bcfg['hidden_size']}; give it once, at the top level")
         self.backbone = ENCODERS[cfg["backbone"]](bcfg)
         self.hidden_size = self.backbone.hidden_size
         self.stream_names = list(self.backbone.stream_names)
@@ -654,8 +656,8 @@ def train_clip_style(encoder: VisionEncoder, images, captions: Sequence[str], st
             # a hit when the retrieved caption's text equals the true one (duplicates count as correct)
             pred = sims.argmax(1)
             hits = [captions[int(idx[int(p)])] == captions[int(idx[i])] for i, p in enumerate(pred)]
-        history["loss"].append(float(loss))
-        history["temperature"].append(float(1.0 / logit_scale.exp()))
+        history["loss"].append(float(loss.detach()))
+        history["temperature"].append(float(1.0 / logit_scale.detach().exp()))
         history["retrieval_acc"].append(float(np.mean(hits)))
     encoder.eval(), text_tower.eval()
     return {"history": history, "text_tower": text_tower, "tokenizer": tokenizer, "image_proj": image_proj,
@@ -692,7 +694,7 @@ def train_supervised(encoder: VisionEncoder, images, labels, steps: int = 50, *,
         opt.zero_grad()
         loss.backward()
         opt.step()
-        history["loss"].append(float(loss))
+        history["loss"].append(float(loss.detach()))
         history["accuracy"].append(float((logits.argmax(1) == labels[idx]).float().mean()))
     encoder.eval()
     return {"history": history, "head": head}

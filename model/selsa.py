@@ -145,14 +145,15 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 def selsa_experiment(num_classes: int = 4, train_videos_per_class: int = 150, test_videos_per_class: int = 16,
                      frames: int = 8, size: int = 32, degrade_fraction: float = 0.5, train_refs: int = 2,
-                     steps: int = 600, batch_videos: int = 16, width: int = 32, lr: float = 3e-3, seed: int = 0,
+                     steps: int = 400, batch_videos: int = 16, width: int = 32, lr: float = 3e-3, seed: int = 0,
                      num_threads: int | None = None, progress: bool = True) -> dict:
     """Train a tiny frame encoder + classifier with and without SELSA, on synthetic moving-shape videos
     whose frames are degraded (blur + occlusion + noise) with probability `degrade_fraction`.
 
-    Training (frames randomly flipped, rotated by 90 degrees, channel-permuted): each step samples `batch_videos` videos and 1 + `train_refs` random frames from each; the
-    single-frame model classifies each frame alone, the SELSA model aggregates each frame with the other
-    sampled frames of its video (the paper trains with 2 references). Both see the same frames, labels
+    Training (frames randomly flipped, rotated by 90 degrees, channel-permuted): each step samples
+    `batch_videos` videos and 1 + `train_refs` random frames from each; the single-frame model
+    classifies each frame alone, the SELSA model aggregates each frame with the other sampled frames of
+    its video (the paper trains with 2 references). Both see the same frames, labels
     (class = shape) and initial encoder weights. Test (held-out videos, fresh seed): the SELSA model uses
     all frames of the video as references ("selsa"), or only the key frame itself ("selsa_self_only",
     i.e. the same weights without aggregation). Accuracies are reported separately on degraded and clean

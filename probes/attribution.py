@@ -60,17 +60,18 @@ class AnswerScore:
             raise AttributionError("the answer is empty; pass the answer text whose score to attribute")
         self.model, self.processor = model, processor
         self.question, self.answer, self.score = question, answer, score
-        ids, labels = processor.encode_conversation([(question, answer)], template)
+        self.template = template or processor.template
+        ids, labels = processor.encode_conversation([(question, answer)], self.template)
         positions = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
         if not positions:
             raise AttributionError("the answer was truncated away (prompt longer than the processor's max_length)")
         self.first = positions[0]
+        if self.first == 0:
+            raise AttributionError("the answer starts the sequence; nothing conditions it")
         self.answer_positions = positions
         self.answer_ids = [ids[i] for i in positions]
         keep = self.first if score == "logit" else positions[-1] + 1
         self.input_ids = torch.tensor([ids[:keep]], dtype=torch.long, device=_param(model).device)
-        if self.first == 0:
-            raise AttributionError("the answer starts the sequence; nothing conditions it")
 
     @property
     def token(self) -> str:
@@ -78,6 +79,7 @@ class AnswerScore:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "answer", "question": self.question, "answer": self.answer, "score": self.score,
+                "template": self.template,
                 "first_token": self.token, "first_token_id": int(self.answer_ids[0]),
                 "answer_tokens": len(self.answer_ids)}
 
@@ -123,6 +125,31 @@ def linear_probe(coef: Any, intercept: Any = None, mean: Any = None, scale: Any 
     return fn
 
 
+def probe_from_store(store, tap: str, label: str, C: float = 1.0) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
+    """Fit a standardised logistic-regression probe (scikit-learn) for `label` on a store's pooled
+    `tap` and return (torch logits function for `ProbeScore`, class list). Binary probes have one
+    logit: positive means classes[1]. Items without the label are left out."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    if tap not in store.taps:
+        raise AttributionError(f"tap {tap!r} is not in {store.path}; it has {store.taps}")
+    if label not in store.label_names():
+        raise AttributionError(f"label {label!r} is not in {store.path}; it has {store.label_names()}")
+    x = store.load(tap, dtype="float32")
+    if x.ndim != 2:
+        raise AttributionError(f"tap {tap!r} is stored with pool {store.manifest.get('pool')!r}; a probe needs "
+                               "mean or global pooling (recapture with --pool mean)")
+    y = np.asarray(store.labels()[label], dtype=object)
+    keep = np.array([v is not None and not (isinstance(v, float) and math.isnan(v)) for v in y])
+    y = np.array([str(v) for v in y[keep]])
+    if len(set(y)) < 2:
+        raise AttributionError(f"label {label!r} has fewer than 2 classes among the stored items")
+    scaler = StandardScaler().fit(x[keep])
+    clf = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(x[keep]), y)
+    return linear_probe(clf.coef_, clf.intercept_, scaler.mean_, scaler.scale_), [str(c) for c in clf.classes_]
+
+
 class ProbeScore:
     """F(image) = probe(pooled tap)[class_index]: attributes a probe's decision to the pixels.
 
@@ -131,7 +158,7 @@ class ProbeScore:
     e.g. from `linear_probe`)."""
 
     def __init__(self, model, tap: str, probe: Callable[[torch.Tensor], torch.Tensor], class_index: int | None = None,
-                 pool: str = "mean"):
+                 pool: str = "mean", description: Mapping[str, Any] | None = None):
         from workbench.taps import parse_pool, tap_table
 
         table = tap_table(model)
@@ -141,11 +168,24 @@ class ProbeScore:
             raise AttributionError(f"tap {tap!r} depends on a text prompt; probe a vision-side tap")
         parse_pool(pool)
         self.model, self.tap, self.probe, self.class_index, self.pool = model, table[tap], probe, class_index, pool
+        self.description = dict(description or {})
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "probe", "tap": self.tap.name, "pool": self.pool, "class_index": self.class_index}
+        return {"kind": "probe", "tap": self.tap.name, "pool": self.pool, "class_index": self.class_index,
+                **self.description}
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(pixel_values)
+        if logits.dim() == 1:
+            return logits
+        if self.class_index is None:
+            if logits.shape[-1] != 1:
+                raise AttributionError(f"the probe has {logits.shape[-1]} classes; pass class_index")
+            return logits[:, 0]
+        return logits[:, self.class_index]
+
+    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The probe's whole output on the pooled tap, (B, C) or (B,)."""
         from workbench.taps import _unwrap, pool_tensor
 
         model, tap, seen = self.model, self.tap, []
@@ -165,14 +205,7 @@ class ProbeScore:
             x = x.reshape(bsz, k, x.shape[1], x.shape[2])[:, tap.prompt_index, :n_img]
             if getattr(model.vision_tower, "drop_global_token", False):
                 x = x[:, 1:]
-        logits = self.probe(pool_tensor(x, tap.kind, self.pool, tap.has_global))
-        if logits.dim() == 1:
-            return logits
-        if self.class_index is None:
-            if logits.shape[-1] != 1:
-                raise AttributionError(f"the probe has {logits.shape[-1]} classes; pass class_index")
-            return logits[:, 0]
-        return logits[:, self.class_index]
+        return self.probe(pool_tensor(x, tap.kind, self.pool, tap.has_global))
 
 
 # --------------------------------------------------------------------------- results
@@ -347,7 +380,7 @@ def stream_slices(model) -> dict[str, tuple[int, int, int]]:
                            "are summed before the projector and cannot be told apart at its input")
 
 
-def stream_attribution(model, pixel_values: torch.Tensor, score: AnswerScore, *, steps: int = 32,
+def stream_attribution(model, pixel_values: torch.Tensor, score: AnswerScore, *, steps: int = 64,
                        baseline: str = "zero", mean_features: Mapping[str, Any] | None = None,
                        pixel_baseline: str | float | torch.Tensor = "black",
                        internal_batch_size: int = 8) -> StreamAttribution:
@@ -496,6 +529,9 @@ def plot_attribution(pixels: PixelAttribution, streams: StreamAttribution | None
     t = pixels.target
     if t.get("kind") == "answer":
         fig.suptitle(f"{t['score']} of {t['first_token']!r} for answer {t['answer']!r}", fontsize=10)
+    elif t.get("kind") == "probe":
+        what = f" = {t['class']!r}" if t.get("class") is not None else ""
+        fig.suptitle(f"probe logit on {t['tap']} ({t.get('label', 'probe')}{what})", fontsize=10)
     if path is not None:
         save(fig, path, dpi=110)
     return fig
@@ -503,5 +539,6 @@ def plot_attribution(pixels: PixelAttribution, streams: StreamAttribution | None
 
 __all__: Sequence[str] = [
     "AnswerScore", "AttributionError", "PixelAttribution", "ProbeScore", "StreamAttribution", "attribute_answer",
-    "linear_probe", "pixel_attribution", "plot_attribution", "stream_attribution", "stream_slices", "to_display_image", "token_grid",
+    "linear_probe", "pixel_attribution", "plot_attribution", "probe_from_store", "stream_attribution",
+    "stream_slices", "to_display_image", "token_grid",
 ]

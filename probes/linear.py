@@ -18,12 +18,16 @@ interpretability-anchors.md section 4):
 * Classification reports accuracy (and a pooled confusion matrix at the chosen C);
   regression reports R^2 (closed-form ridge, ``alpha = 1 / C``).
 
-Speed: all splits x targets (labels and their controls) x C values of one tap are solved as ONE
-batched problem: multinomial logistic regression, objective per problem
+Speed: all splits x targets (labels and their controls) of one tap are solved as ONE batched
+problem per C, walking the C grid upwards with warm starts (``path="warm"``; ``"joint"`` solves
+every C at once). Multinomial logistic regression, objective per problem
 ``mean_i CE_i + ||W||^2 / (2 C n_train)`` (the same optimum as scikit-learn's
-``C * sum_i CE_i + ||W||^2 / 2``), minimised by a batched L-BFGS in torch in which every
-problem keeps its own curvature history, step size and convergence flag; the data term is a
-single matrix product per iteration. Binary targets use one logit (like scikit-learn).
+``C * sum_i CE_i + ||W||^2 / 2``), is minimised by a batched L-BFGS in torch in which every
+problem keeps its own curvature history, step size and stopping test, and converged problems
+drop out of the batch. Without PCA the per-split standardisation is folded into the weights,
+so one centred copy of X serves every split and the data term is a single wide matrix product
+per iteration. Binary targets use one logit (like scikit-learn); targets with different class
+counts share the optimiser but not padded logits.
 """
 from __future__ import annotations
 
@@ -113,13 +117,14 @@ def grouped_kfold(groups: Sequence | np.ndarray, n_splits: int = 5, seed: int = 
     return [(idx[fold_of_row != f], idx[fold_of_row == f]) for f in range(n_splits)]
 
 
-def control_labels(y: Sequence | np.ndarray, types: Sequence | np.ndarray, seed: int = 0) -> np.ndarray:
+def control_labels(y: Sequence | np.ndarray, types: Sequence | np.ndarray, seed: int = 0,
+                   valid: np.ndarray | None = None) -> np.ndarray:
     """Hewitt & Liang control task: every distinct type gets one label drawn at random from the
     empirical label distribution (the label of a random valid row); all rows of the type share
-    it. Missing labels stay missing."""
+    it. Missing labels (None/NaN/'' or ``valid == False``) stay missing and are never drawn."""
     y = np.asarray(y)
     types = np.asarray(types)
-    missing = _missing_mask(y)
+    missing = _missing_mask(y) if valid is None else ~np.asarray(valid, dtype=bool)
     valid_idx = np.flatnonzero(~missing)
     if valid_idx.size == 0:
         return y.copy()
@@ -467,6 +472,11 @@ def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor,
 
     def predict(theta: torch.Tensor) -> torch.Tensor:
         """Predicted classes of all rows, (S, n, T, Lb)."""
+        if design.shared:  # every row's logits in one product with the folded-in standardisation
+            th = theta.reshape(S * T * Lb, p + 1, K)
+            zl = design.apply(th[:, :p], th[:, p], s_of)                      # (n, P, K)
+            cls = (zl[..., 0] > 0).long() if binary else zl.argmax(-1)       # (n, P)
+            return cls.T.reshape(S, T, Lb, -1).permute(0, 3, 1, 2)
         th = theta.reshape(S, T * Lb, p + 1, K)
         out = []
         for s in range(S):
@@ -545,10 +555,6 @@ class ProbeResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
 
 
 @dataclass
@@ -757,10 +763,7 @@ def _probe_matrix(features, labels, groups, *, types, tasks, Cs, n_folds, select
             raise ValueError(f"labels[{name!r}] has only {int(valid.sum())} non-missing values; need >= {2 * n_folds}")
         entry = {"task": task, "vals": vals, "valid": valid, "classes": classes}
         if control:
-            entry["control"] = control_labels(np.where(valid, vals, -1 if task == "classification" else np.nan),
-                                              types, seed + 101 * (i + 1))
-            if task == "classification":
-                entry["control"] = np.where(valid, entry["control"], -1)
+            entry["control"] = control_labels(vals, types, seed + 101 * (i + 1), valid=valid)
         enc[name] = entry
 
     strata = None

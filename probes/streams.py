@@ -22,6 +22,7 @@ Metrics per question (averaged per question type, plus "all"):
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -78,9 +79,11 @@ def project_streams(model, streams: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return model.mm_projector(fused.to(model.mm_projector.encoder_mlp[0].weight.dtype))
 
 
-def answer_loglik(model, processor, rows: Sequence[Mapping[str, Any]], image_features: torch.Tensor) -> np.ndarray:
+def answer_loglik(model, processor, rows: Sequence[Mapping[str, Any]], image_features: torch.Tensor,
+                  template: str | None = None) -> np.ndarray:
     """Mean log-probability per answer token of each row's answer (teacher forcing)."""
-    batch = processor(None, [r["question"] for r in rows], [r["answer"] for r in rows], padding_side="right")
+    batch = processor(None, [r["question"] for r in rows], [r["answer"] for r in rows], template=template,
+                      padding_side="right")
     dev = image_features.device
     ids, mask, labels = batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["labels"].to(dev)
     logits = model(input_ids=ids, attention_mask=mask, image_features=image_features).logits.float()
@@ -92,27 +95,29 @@ def answer_loglik(model, processor, rows: Sequence[Mapping[str, Any]], image_fea
 
 
 def answer_accuracy(model, processor, rows: Sequence[Mapping[str, Any]], image_features: torch.Tensor,
-                    max_new_tokens: int = 8) -> np.ndarray:
+                    max_new_tokens: int = 8, template: str | None = None) -> np.ndarray:
     """1.0 where the greedy answer equals the reference after `normalize_answer`, else 0.0."""
     from workbench.data.scenes import normalize_answer
 
-    batch = processor(None, [r["question"] for r in rows])  # generation prompts, left-padded
+    batch = processor(None, [r["question"] for r in rows], template=template)  # generation prompts, left-padded
     dev = image_features.device
     out = model.generate(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                          image_features=image_features, max_new_tokens=max_new_tokens, do_sample=False)
-    preds = [processor.decode(o) for o in out]
+    preds = [processor.decode(o, template=template) for o in out]
     return np.array([float(normalize_answer(p) == normalize_answer(r["answer"])) for p, r in zip(preds, rows)])
 
 
 def subset_metrics(model, processor, rows: Sequence[Mapping[str, Any]], *, metric: str | Callable = "loglik",
                    mode: str = "zero", mean_features: Mapping[str, Any] | None = None, batch_size: int = 8,
-                   max_new_tokens: int = 8, streams: Mapping[str, torch.Tensor] | None = None,
+                   max_new_tokens: int = 8, template: str | None = None,
+                   streams: Mapping[str, torch.Tensor] | None = None,
                    progress: bool = False) -> dict[frozenset[str], np.ndarray]:
     """Per-row metric for every subset of present streams: {subset: (n_rows,) scores}.
 
     `rows` are QA rows with "question", "answer" and "image" (a path or PIL image; rows sharing an
     image share its cached streams). Pass `streams` (from `cache_streams` over the unique images,
-    in first-seen order) to reuse a cache.
+    in first-seen order) to reuse a cache. `template` overrides the processor's conversation
+    template (the `plain` pretraining template drops the question, so VQA wants phi3/llama3).
     """
     from tqdm.auto import tqdm
 
@@ -120,14 +125,14 @@ def subset_metrics(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
         raise ValueError("no questions to evaluate (empty split or --types filter?)")
     if isinstance(metric, str) and metric not in METRICS:
         raise ValueError(f"metric {metric!r} is not one of {METRICS} (or a callable)")
-    keys, image_of_row = {}, []
-    for r in rows:
-        key = r["image"] if isinstance(r["image"], str) else id(r["image"])
-        image_of_row.append(keys.setdefault(key, len(keys)))
-    images = [None] * len(keys)
-    for r in rows:
-        key = r["image"] if isinstance(r["image"], str) else id(r["image"])
-        images[keys[key]] = r["image"]
+    keys: dict[Any, int] = {}
+    images, image_of_row = [], []
+    for r in rows:  # one entry per distinct image (paths by value, PIL images by identity)
+        key = str(r["image"]) if isinstance(r["image"], (str, os.PathLike)) else id(r["image"])
+        if key not in keys:
+            keys[key] = len(images)
+            images.append(r["image"])
+        image_of_row.append(keys[key])
     if streams is None:
         streams = cache_streams(model, processor, images, batch_size=batch_size, progress=progress)
     if mode == "mean" and mean_features is None:
@@ -148,9 +153,9 @@ def subset_metrics(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
                 if callable(metric):
                     scores.append(np.asarray(metric(model, processor, chunk, feats), dtype=np.float64))
                 elif metric == "loglik":
-                    scores.append(answer_loglik(model, processor, chunk, feats))
+                    scores.append(answer_loglik(model, processor, chunk, feats, template))
                 else:
-                    scores.append(answer_accuracy(model, processor, chunk, feats, max_new_tokens))
+                    scores.append(answer_accuracy(model, processor, chunk, feats, max_new_tokens, template))
                 bar.update(1)
             out[subset] = np.concatenate(scores).astype(np.float64)
     bar.close()
@@ -159,7 +164,8 @@ def subset_metrics(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
 
 def stream_shapley(model, processor, rows: Sequence[Mapping[str, Any]], *, metric: str | Callable = "loglik",
                    mode: str = "zero", mean_features: Mapping[str, Any] | None = None, group_by: str = "type",
-                   batch_size: int = 8, max_new_tokens: int = 8, progress: bool = False) -> dict[str, Any]:
+                   batch_size: int = 8, max_new_tokens: int = 8, template: str | None = None,
+                   progress: bool = False) -> dict[str, Any]:
     """Exact Shapley values of each fusion stream for `metric`, per question type and over all rows.
 
     Returns {"players", "metric", "mode", "n_rows", "groups": {group: {"n", "full", "empty",
@@ -169,7 +175,8 @@ def stream_shapley(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
     from probes.contributions import shapley_values
 
     per_row = subset_metrics(model, processor, rows, metric=metric, mode=mode, mean_features=mean_features,
-                             batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+                             batch_size=batch_size, max_new_tokens=max_new_tokens, template=template,
+                             progress=progress)
     players = list(model.stream_names)
     labels = np.array([str(r.get(group_by, "all")) for r in rows])
     groups = {g: labels == g for g in sorted(set(labels.tolist()))}
@@ -182,7 +189,8 @@ def stream_shapley(model, processor, rows: Sequence[Mapping[str, Any]], *, metri
                             "efficiency_gap": res.efficiency_gap}
     subsets = [{"streams": [p for p in players if p in s], **table[s]} for s in all_subsets(players)]
     return {"players": players, "metric": metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
-            "mode": mode, "n_rows": len(rows), "group_by": group_by, "groups": result_groups, "subsets": subsets}
+            "mode": mode, "template": template or processor.template, "n_rows": len(rows), "group_by": group_by,
+            "groups": result_groups, "subsets": subsets}
 
 
 def plot_shapley(result: Mapping[str, Any], path: Any = None, title: str | None = None):

@@ -196,6 +196,20 @@ def test_missing_results_name_the_command_and_a_mean_store_computes_maps_live(ru
     assert any("prompt.caption" in c for c in _captions(at))
 
 
+def test_without_a_store_the_sidebar_lists_the_stores_under_the_root(run_dir):
+    from streamlit.testing.v1 import AppTest
+
+    argv = ["--root", str(run_dir.parent)]
+    at = AppTest.from_string(f"from workbench.app_views.main import main\nmain({argv!r})\n", default_timeout=120).run()
+    _ok(at)
+    assert "No feature store is open" in at.info[0].value
+    picker = at.sidebar.selectbox(key="store_pick")
+    assert "run/store" in picker.options
+    picker.set_value("run/store").run()
+    _ok(at)
+    assert [m.value for m in at.metric][0] == "30"
+
+
 def test_paths_outside_the_root_are_refused(run_dir, tmp_path):
     from workbench.app_views.context import PathRefused, make_config, resolve_under_root
 

@@ -33,6 +33,13 @@ def tiny64():
 
 
 @pytest.fixture(scope="module")
+def model_dir(tiny64, tmp_path_factory):
+    from model.builder import save_model
+
+    return save_model(*tiny64, tmp_path_factory.mktemp("attr") / "model")
+
+
+@pytest.fixture(scope="module")
 def scene():
     from workbench.data.scenes import generate_scene
 
@@ -141,11 +148,9 @@ def test_ig_and_occlusion_find_a_known_region():
         pixel_attribution(model, px, model, method="saliency")
 
 
-def test_fvl_attribute_end_to_end(tmp_path, tiny64, scene, capsys):
-    from model.builder import save_model
+def test_fvl_attribute_end_to_end(tmp_path, model_dir, scene, capsys):
     from workbench.cli import main
 
-    model_dir = save_model(*tiny64, tmp_path / "model")
     image = tmp_path / "scene.png"
     scene.save(image)
     out = tmp_path / "attr"
@@ -159,8 +164,34 @@ def test_fvl_attribute_end_to_end(tmp_path, tiny64, scene, capsys):
     assert "delta" in saved["pixels"] and "delta" in saved["streams"] and len(saved["pixels"]["top_pixels"]) == 10
     assert (out / "attribution.png").stat().st_size > 1000
     rc = main(["attribute", "--model", str(model_dir), "--image", str(image), "--question", "Q", "--answer", "red",
-               "--method", "occlusion", "--no-streams", "--out", str(out), "--json"])
+               "--method", "occlusion", "--window", "16", "--no-streams", "--out", str(out), "--json"])
     assert rc == 0 and json.loads((out / "attribution.json").read_text())["streams"] is None
     assert main(["attribute", "--preset", "tiny", "--image", str(tmp_path / "missing.png"), "--question", "Q",
                  "--answer", "A", "--out", str(out)]) == 2
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_fvl_attribute_a_probe_fitted_on_a_store(tmp_path, tiny64, model_dir, capsys):
+    from workbench.capture import capture_dataset
+    from workbench.cli import main
+    from workbench.data.dataset import open_dataset
+    from workbench.data.synth import synth_scenes
+
+    model, processor = tiny64
+    data, store = tmp_path / "data", tmp_path / "store"
+    synth_scenes(data, n=8, seed=1, image_size=64, workers=1, progress=False, log=None)
+    capture_dataset(model, processor, open_dataset(data), ["prompt.ocr"], "mean", store, model_id=str(model_dir),
+                    progress=False)
+    image = str(next((data / "images").glob("*.png")))
+    out = tmp_path / "attr"
+    rc = main(["attribute", "--model", str(model_dir), "--image", image, "--probe", "main_shape", "--store", str(store),
+               "--tap", "prompt.ocr", "--steps", "8", "--out", str(out), "--json"])
+    assert rc == 0
+    saved = json.loads((out / "attribution.json").read_text())
+    target = saved["pixels"]["target"]
+    assert target["kind"] == "probe" and target["label"] == "main_shape" and target["class"] in target["classes"]
+    assert saved["streams"] is None and saved["pixels"]["delta"] is not None
+    capsys.readouterr()
+    assert main(["attribute", "--model", str(model_dir), "--image", image, "--probe", "main_shape",
+                 "--out", str(out)]) == 2
+    assert "--store" in capsys.readouterr().err

@@ -188,3 +188,12 @@ def test_real_size_presets_build_on_meta_and_match_published_counts():
     llm = sum(p.numel() for p in model.language_model.parameters())
     assert abs(llm / 8.03e9 - 1) < 0.01
     assert next(model.parameters()).device.type == "meta"
+
+
+def test_config_fingerprint_survives_save_and_load(tiny, tmp_path):
+    model, processor = tiny
+    save_model(model, processor, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / "m")
+    assert loaded.config.fingerprint() == model.config.fingerprint()
+    other, _ = build_model("tiny", fusion="average")
+    assert other.config.fingerprint() != model.config.fingerprint()

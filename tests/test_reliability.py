@@ -10,6 +10,7 @@ running, rerun, and compared with an uninterrupted run: same index, same tensors
 """
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -240,6 +241,24 @@ def test_damaged_checkpoints_are_refused_by_name(model_dir, tmp_path, how, phras
     assert str(d) in err and "Traceback" not in err
 
 
+def test_resume_weights_of_another_model_are_refused_by_name(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from model.train import load_weights_into
+
+    model, _ = tiny
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["mm_projector.encoder_mlp.0.weight"] = torch.zeros(7, 7)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    target = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"model\.safetensors does not fit the model .*mm_projector"):
+        load_weights_into(target, tmp_path / "model.safetensors")
+    sd.pop("mm_projector.encoder_mlp.0.weight")
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing \['mm_projector\.encoder_mlp\.0\.weight'\]"):
+        load_weights_into(target, tmp_path / "model.safetensors")
+
+
 # ---------------------------------------------------------------------------------------------
 # Position limits (Florence-2: 50-entry 2-D image table at stride 32; BART: 1024 positions)
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +275,6 @@ def test_position_limits_are_refused_at_build_time_naming_the_limit():
 
 def test_the_limits_are_the_real_tables(tiny):
     """Shrink each table and run the raw modules: the check passes exactly where the lookup works."""
-    import copy
-
     from model.config import check_florence2_positions
     from model.florence_vl import FlorenceVLForConditionalGeneration
 
@@ -428,13 +445,11 @@ def test_fvl_capture_killed_at_random_moments_then_rerun_equals_uninterrupted(mo
     common = ["capture", "--model", str(model_dir), "--data", str(data), "--taps", "depth,prompt.ocr,fusion.input",
               "--pool", "grid2", "--batch-size", "2", "--shard-size", "2"]
     assert fvl(common + ["--out", str(tmp_path / "reference")]) == 1  # the broken image
-    killed = tmp_path / "killed"
-    rng = random.Random(9)
-    for attempt in range(2):  # killed twice (the second run resumes the first), at seeded random times
-        rc = _run_and_kill(tmp_path, ("workbench.capture", "run_taps", 0.2), common + ["--out", str(killed)],
-                           kill_after=rng.uniform(0.0, 0.3))
-        assert rc == -signal.SIGKILL, (tmp_path / "child.log").read_text()[-3000:]
-        assert len(FeatureStore(killed).items) < 12  # really part-way, and readable after the kill
+    killed = tmp_path / "killed"  # more kill points (exact ones, mid-flush): tests/test_capture.py, test_store.py
+    rc = _run_and_kill(tmp_path, ("workbench.capture", "run_taps", 0.2), common + ["--out", str(killed)],
+                       kill_after=random.Random(9).uniform(0.0, 0.4))
+    assert rc == -signal.SIGKILL, (tmp_path / "child.log").read_text()[-3000:]
+    assert len(FeatureStore(killed).items) < 12  # really part-way, and readable after the kill
     assert fvl(common + ["--out", str(killed)]) in (0, 1)  # 1 when the broken image was not reached before
     ref, got = FeatureStore(tmp_path / "reference"), FeatureStore(killed)
     strip = lambda rows: [(r["id"], r["status"], r["labels"], r["error"]) for r in rows]  # noqa: E731

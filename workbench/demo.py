@@ -385,27 +385,29 @@ def _step_key(ctx: DemoContext, step: Step, upstream: dict[str, Any]) -> dict[st
 
 
 def run_demo(out: str | Path, settings: DemoSettings | None = None, *, only: Sequence[str] | None = None,
-             force: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+             force: Sequence[str] = (), progress: bool = True, log: Callable[[str], None] = print,
+             steps: Sequence[Step] = STEPS) -> dict[str, Any]:
     """Run the pipeline into `out`; returns {"out", "steps": {name: {"status", "seconds", ...}}, "seconds"}.
 
     Steps whose output is complete are skipped ("done"); `force` names steps to redo; `only` stops
-    after the last named step (earlier steps still run if they are not done)."""
+    after the last named step (earlier steps still run if they are not done). Once a step runs, every
+    later step runs too (its inputs changed)."""
     from tqdm.auto import tqdm
 
     settings = settings or DemoSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = DemoContext(out, settings, progress, log)
-    names = [s.name for s in STEPS]
+    names = [s.name for s in steps]
     for n in list(force) + list(only or []):
         if n not in names:
             raise ValueError(f"unknown demo step {n!r}; steps are: {', '.join(names)}")
-    last = max(names.index(n) for n in only) if only else len(STEPS) - 1
+    last = max(names.index(n) for n in only) if only else len(steps) - 1
     summary: dict[str, Any] = {"out": str(out), "settings": settings.to_dict(), "steps": {}}
     upstream: dict[str, Any] = {}
     redone = False
     start = time.perf_counter()
-    bar = tqdm(STEPS[: last + 1], desc="demo", unit="step", disable=not progress)
+    bar = tqdm(list(steps)[: last + 1], desc="demo", unit="step", disable=not progress)
     for step in bar:
         bar.set_postfix_str(step.name)
         if not redone and step.name not in force and is_complete(ctx, step, upstream):
@@ -430,5 +432,11 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, only: Seq
 
 
 def app_command(out: str | Path) -> str:
-    """The one command that opens the app on a demo run."""
-    return f"fvl app --store {Path(out) / 'store'}"
+    """The one command that opens the app on a demo run (with --root when the run lies outside the current
+    directory, the app's default data root)."""
+    out = Path(out)
+    cwd = Path.cwd().resolve()
+    full = out.resolve()
+    if full == cwd or cwd in full.parents:
+        return f"fvl app --store {out / 'store'}"
+    return f"fvl app --root {full} --store store"

@@ -43,6 +43,15 @@ def render(cfg: AppConfig) -> None:
             st.altair_chart(cka_chart(labels, matrix, f"CKA: {name}"))
         if not tables and not matrices:
             st.warning(f"{path} holds no tables or CKA matrices; rerun " + cfg.how_to_make("compare"))
+        figures = sorted(path.parent.glob("*.png"))
+        if figures:
+            st.subheader("Figures")
+            cols = st.columns(2)
+            for k, fig in enumerate(figures[:8]):
+                cols[k % 2].image(str(fig), caption=fig.name, width="stretch")
+        if isinstance(data, dict) and data.get("meta"):
+            with st.expander("run settings (meta)"):
+                st.json(data["meta"], expanded=False)
     else:
         st.warning("No encoder comparison beside this store. Make one with " + cfg.how_to_make("compare") + ".")
     if cfg.store is None:

@@ -307,7 +307,13 @@ def compare_parts(data: Any) -> tuple[dict[str, list[dict]], dict[str, tuple[lis
                 take(f"{name}: {k}" if name else k, v)
 
     for key, value in data.items():
+        if key in ("meta", "columns", "settings"):
+            continue  # run metadata, shown separately
         take("" if key in ("tables", "cka") else key, value)
+    order = data.get("columns")
+    if isinstance(order, list) and "results" in tables:  # `fvl compare` names its column order
+        tables["results"] = [{c: r.get(c) for c in order if c in r} | {k: v for k, v in r.items() if k not in order}
+                             for r in tables["results"]]
     return tables, mats
 
 

@@ -159,7 +159,9 @@ def run(args) -> int:
     for name, store in stores.items():
         try:
             taps = stream_taps(store, args.taps)
-            has_global = not (store.manifest.get("model") or {}).get("drop_global_token", False)
+            # only unpooled token maps carry the global token first; grid-pooled maps are patches only
+            has_global = store.manifest.get("pool") == "none" and \
+                not (store.manifest.get("model") or {}).get("drop_global_token", False)
             feats = {k: mean_pool(store.load(t, items, dtype="float32"), has_global) for k, t in taps.items()}
         except (ValueError, KeyError) as exc:
             raise UserError(f"--store {name}: {exc}") from exc

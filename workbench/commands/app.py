@@ -26,6 +26,7 @@ def streamlit_command(args) -> list[str]:
         script = Path(workbench.__file__).resolve().parent / "app_views" / "entry.py"
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", args.host,
            "--server.port", str(args.port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "minimal",
            "--"]
     if args.root:
         cmd += ["--root", str(Path(args.root).resolve())]

@@ -24,6 +24,8 @@ def register(sub) -> None:
                    help="absent streams: zeros, or their mean over the evaluated images")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=8, help="answer length for --metric accuracy")
+    p.add_argument("--template", choices=["plain", "phi3", "llama3"],
+                   help="conversation template (default: the model's; `plain` drops the question)")
     p.add_argument("--out", required=True, help="output directory (contributions.json, contributions.png)")
     p.add_argument("--json", action="store_true", help="print the JSON result")
     p.set_defaults(func=run)
@@ -57,7 +59,7 @@ def run(args) -> int:
         raise UserError(f"this model fuses {model.stream_names}; stream contributions need several streams "
                         "(a Florence-2 encoder with prompts)")
     result = stream_shapley(model, processor, rows, metric=args.metric, mode=args.mode, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, progress=not args.json)
+                            max_new_tokens=args.max_new_tokens, template=args.template, progress=not args.json)
     result.update(model=args.model or f"preset:{args.preset or args._default_preset}", data=str(args.data),
                   split=args.split)
     out = Path(args.out)
