@@ -5,7 +5,8 @@ compared by exact match after `normalize_answer` (lowercase, punctuation and art
 number words to digits). Reported per type and overall, beside each type's chance level (a uniform
 guess among that type's possible answers, from the data package) and the margin over chance.
 
-Florence-2: OCR exact match (`<OCR>`), caption token F1 (`<CAPTION>`, bag-of-words F1 as in SQuAD),
+Florence-2: OCR exact match (`<OCR>`), caption token F1 (`<DETAILED_CAPTION>` by default, bag-of-words
+F1 as in SQuAD),
 region box recall at IoU 0.5 (`<DENSE_REGION_CAPTION>`: a ground-truth box counts when a predicted
 box with the same label overlaps it with IoU >= 0.5, one-to-one).
 """
@@ -196,18 +197,24 @@ def florence2_generate(florence2, tokenizer, pixel_values: torch.Tensor, task: s
     return [_LOC_SPACES.sub(r"\1", t).strip() for t in texts]
 
 
-TASK_LENGTHS = {"<CAPTION>": 48, "<OCR>": 16, "<DENSE_REGION_CAPTION>": 80}
+MAX_NEW_TOKENS = {"<CAPTION>": 48, "<DETAILED_CAPTION>": 128, "<OCR>": 16, "<DENSE_REGION_CAPTION>": 96}
 
 
 @torch.inference_mode()
 def evaluate_florence2(florence2, processor, data_dir: str | Path, split: str = "test", *, limit: int | None = 100,
-                       batch_size: int = 32, progress: bool = False, return_predictions: bool = False) -> dict[str, Any]:
-    """OCR exact match, caption token F1 and region recall at IoU 0.5 of a native Florence-2."""
+                       caption_task: str = "<DETAILED_CAPTION>", batch_size: int = 32, progress: bool = False,
+                       return_predictions: bool = False) -> dict[str, Any]:
+    """OCR exact match, caption token F1 (on `caption_task`: the caption task the model was trained on)
+    and region recall at IoU 0.5 of a native Florence-2."""
     from tqdm.auto import tqdm
 
     from workbench.data.dataset import load_florence2_tasks
 
-    rows = load_florence2_tasks(data_dir, split=split, tasks=list(TASK_LENGTHS))
+    if caption_task not in ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"):
+        raise ValueError(f"caption_task {caption_task!r} is not a caption task (<CAPTION>, <DETAILED_CAPTION>)")
+    lengths = {caption_task: MAX_NEW_TOKENS.get(caption_task, 128), "<OCR>": MAX_NEW_TOKENS["<OCR>"],
+               "<DENSE_REGION_CAPTION>": MAX_NEW_TOKENS["<DENSE_REGION_CAPTION>"]}
+    rows = load_florence2_tasks(data_dir, split=split, tasks=list(lengths))
     by_image: dict[str, dict[str, str]] = {}
     for r in rows:
         by_image.setdefault(r["image"], {})[r["task"]] = r["target"]
@@ -216,21 +223,21 @@ def evaluate_florence2(florence2, processor, data_dir: str | Path, split: str = 
         raise ValueError(f"{data_dir} has no Florence-2 task rows for split {split!r}")
     florence2.eval()
     tok = processor.florence2_tokenizer
-    preds: dict[str, list[str]] = {t: [] for t in TASK_LENGTHS}
+    preds: dict[str, list[str]] = {t: [] for t in lengths}
     for start in tqdm(range(0, len(images), batch_size), desc="florence2 eval", unit="batch", disable=not progress):
         chunk = images[start:start + batch_size]
         px = processor.images(chunk).to(next(florence2.parameters()).device)
-        for task, length in TASK_LENGTHS.items():
+        for task, length in lengths.items():
             preds[task] += florence2_generate(florence2, tok, px, task, length)
     ocr = [_normalize(p) == _normalize(by_image[i]["<OCR>"]) for i, p in zip(images, preds["<OCR>"])]
-    f1 = [token_f1(p, by_image[i]["<CAPTION>"]) for i, p in zip(images, preds["<CAPTION>"])]
+    f1 = [token_f1(p, by_image[i][caption_task]) for i, p in zip(images, preds[caption_task])]
     hits = [region_recall(p, by_image[i]["<DENSE_REGION_CAPTION>"]) for i, p in zip(images, preds["<DENSE_REGION_CAPTION>"])]
     result: dict[str, Any] = {
-        "split": split, "n_images": len(images),
+        "split": split, "n_images": len(images), "caption_task": caption_task,
         "ocr_exact_match": round(sum(ocr) / len(ocr), 4),
         "caption_token_f1": round(sum(f1) / len(f1), 4),
         "region_recall_iou50": round(sum(h for h, _ in hits) / max(1, sum(n for _, n in hits)), 4),
     }
     if return_predictions:
-        result["predictions"] = [{"image": i, **{t: preds[t][k] for t in TASK_LENGTHS}} for k, i in enumerate(images)]
+        result["predictions"] = [{"image": i, **{t: preds[t][k] for t in lengths}} for k, i in enumerate(images)]
     return result

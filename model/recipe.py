@@ -137,7 +137,8 @@ def run_recipe(preset: str = "small", out: str | Path = "runs/recipe", config: R
     vqa = timed("eval_vqa", lambda: evaluate_vqa(model, processor, data_dir, rc.eval_split, bank=get_bank(),
                                                   progress=rc.progress))
     f2_metrics = timed("eval_florence2", lambda: evaluate_florence2(
-        florence2, processor, data_dir, rc.eval_split, limit=rc.florence2_eval_images, progress=rc.progress))
+        florence2, processor, data_dir, rc.eval_split, limit=rc.florence2_eval_images, progress=rc.progress,
+        caption_task=next((t for t in rc.florence2_tasks if "CAPTION>" in t and "REGION" not in t), "<CAPTION>")))
     minutes = round((time.time() - t_start) / 60, 3)
     chance = chance_levels(data_dir)
     acc = vqa["accuracy"]

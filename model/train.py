@@ -564,7 +564,7 @@ class FeatureBank:
         self.index: dict[str, int] = {}
         self.features: torch.Tensor | None = None
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the cached tensors later feed autograd (the projector trains)
     def add(self, images: Sequence[str]) -> None:
         todo = list(dict.fromkeys(str(i) for i in images if str(i) not in self.index))
         if not todo:

@@ -47,7 +47,7 @@ class DemoSettings:
     probe_labels: tuple[str, ...] = PROBE_LABELS
     align_steps: int = 300
     n_attribute: int = 6
-    attribute_steps: int = 16
+    attribute_steps: int = 32
     embed_method: str = "umap"
     embed_taps: tuple[str, ...] = ("depth", "prompt.caption", "prompt.ocr", "prompt.grounding", "fusion.output")
     recipe: tuple[tuple[str, Any], ...] = ()  # RecipeConfig overrides for model.recipe.run_recipe

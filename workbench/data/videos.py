@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
 OBJECT_COLOURS = {
@@ -181,6 +180,8 @@ def degrade_frame(frame: np.ndarray, box: np.ndarray, rng: np.random.Generator, 
         border = np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]], 0)
         out[ya:yb, xa:xb] = np.median(border, axis=0)
     if "blur" in kinds:
+        from scipy.ndimage import gaussian_filter  # scipy comes with scikit-learn; only blur needs it
+
         sigma = severity * rng.uniform(1.5, 2.5) * size / 64.0
         out = gaussian_filter(out, sigma=(sigma, sigma, 0), mode="nearest")
     if "noise" in kinds:
