@@ -3,7 +3,6 @@ end to end with its report, the layout the app reads, and `fvl app`'s path check
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -480,10 +480,17 @@ def test_fvl_train_killed_at_a_random_moment_then_resumed_matches_uninterrupted(
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r["loss"]) for r in rows]
 
-    assert losses(cut) == losses(tmp_path / "reference")  # exact: the same sequence, each step once
+    # Bit-exact resume within one process is tests/test_train.py::test_resume_gives_the_same_loss_sequence.
+    # Here steps 1..k ran in the killed child and the rest in this (pytest) process, whose float results can
+    # differ in the last bits (~1e-7 seen); a lost or repeated step or a stale optimizer state shows as ~1e-2.
+    ref, got = losses(tmp_path / "reference"), losses(cut)
+    assert [s for s, _ in got] == [s for s, _ in ref] == list(range(1, 9))  # each step once, none missing
+    assert [v for _, v in got] == pytest.approx([v for _, v in ref], rel=1e-6, abs=1e-7)
     ref_w, got_w = load_file(str(tmp_path / "reference" / "model" / "model.safetensors")), \
         load_file(str(cut / "model" / "model.safetensors"))
-    assert ref_w.keys() == got_w.keys() and all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+    assert ref_w.keys() == got_w.keys()
+    for k in ref_w:
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_a_torn_metrics_line_does_not_block_resume(tmp_path):

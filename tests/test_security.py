@@ -253,6 +253,16 @@ def test_fvl_app_binds_loopback_by_default_and_refuses_escapes(app_root, capsys)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert fvl(["app", "--root", str(root), "--store", str(outside), "--dry-run"]) == 2
     assert "outside the data root" in capsys.readouterr().err
+    # `streamlit run app.py` from the repository root reads .streamlit/config.toml: loopback there too
+    config = REPO / ".streamlit" / "config.toml"
+    if config.is_file():
+        import tomllib
+
+        from workbench.app_views.context import MAX_UPLOAD_MB
+
+        server = tomllib.loads(config.read_text()).get("server", {})
+        assert server.get("address") in ("127.0.0.1", "localhost", "::1")
+        assert server.get("maxUploadSize", 200) <= MAX_UPLOAD_MB
 
 
 def _png_header(width: int, height: int) -> bytes:

@@ -195,6 +195,7 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
 
 # ---- Florence-2 pretraining ------------------------------------------------------------------
 def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
+    from model.evaluate import evaluate_florence2
     from model.florence2_pretrain import (Florence2Task, florence2_stage_data, load_florence2,
                                           load_florence2_samples, train_florence2)
 
@@ -223,6 +224,9 @@ def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
     assert stage_finished(tmp_path)
     f2b, _ = load_florence2(tmp_path / "model" / "florence2")
     assert torch.equal(f2b.lm_head.weight, f2.lm_head.weight)
+    metrics = evaluate_florence2(f2, proc, data_dir, "test", limit=2)
+    assert metrics["n_images"] == 2
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("ocr_exact_match", "caption_token_f1", "region_recall_iou50"))
 
 
 # ---- evaluation --------------------------------------------------------------------------------

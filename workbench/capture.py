@@ -27,6 +27,7 @@ class CaptureReport:
     skipped: int = 0
     captured: int = 0
     failed: int = 0
+    failed_in_store: int = 0  # this run's items recorded as failed, including failures of earlier runs
     seconds: float = 0.0
     errors: dict = field(default_factory=dict)
 
@@ -150,4 +151,8 @@ def capture_dataset(model, processor, dataset, taps: list[str] | str, pool: str,
             bar.update(len(batch))
         bar.close()
     report.seconds = round(time.perf_counter() - start, 3)
+    from workbench.store import FeatureStore
+
+    failed_ids = set(FeatureStore(out).failed)
+    report.failed_in_store = sum(1 for it in mine if it.id in failed_ids)
     return report

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -64,12 +64,29 @@ class DemoSettings:
                    recipe=(("florence2", epoch), ("pretrain", epoch), ("finetune", epoch),
                            ("florence2_eval_images", 4), ("save_every", 0)))
 
-    def image_count(self) -> int:
-        if self.n_images is not None:
-            return self.n_images
+    def recipe_config(self):
+        """The RecipeConfig `run_recipe` will use (its defaults plus this demo's overrides)."""
         from model.recipe import RecipeConfig
 
-        return int(dict(self.recipe).get("n_images", RecipeConfig().n_images))
+        rc = RecipeConfig()
+        for key, value in self.recipe:
+            if not hasattr(rc, key):
+                raise ValueError(f"unknown recipe setting {key!r}; known: {', '.join(asdict(rc))}")
+            setattr(rc, key, value)
+        if self.n_images is not None:
+            rc.n_images = self.n_images
+        return rc
+
+    def image_count(self) -> int:
+        return int(self.recipe_config().n_images)
+
+    def data_args(self) -> dict[str, Any]:
+        """The synth_scenes arguments the recipe uses for its data (so the data step and the recipe agree)."""
+        from model.config import PRESETS
+
+        rc = self.recipe_config()
+        return {"n": int(rc.n_images), "seed": int(rc.data_seed),
+                "image_size": int(rc.image_size or PRESETS[self.preset]["image_size"])}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -78,6 +95,7 @@ class DemoSettings:
             d[k] = list(getattr(self, k))
         d["recipe"] = dict(self.recipe)
         d["n_images"] = self.image_count()
+        d["data"] = self.data_args()
         return d
 
 
@@ -264,12 +282,9 @@ def _write_json(path: Path, data: Any) -> None:
 def _step_data(ctx: DemoContext) -> dict:
     """The recipe's data set, made first so that every later step (and the app) finds it at OUT/data:
     the same arguments as `run_recipe` uses, so the recipe sees it complete and reuses it."""
-    from model.config import PRESETS
     from workbench.data.synth import synth_scenes
 
-    s = ctx.settings
-    res = synth_scenes(ctx.path("data"), n=s.image_count(), seed=int(dict(s.recipe).get("data_seed", 0)),
-                       image_size=PRESETS[s.preset]["image_size"], progress=ctx.progress, log=None)
+    res = synth_scenes(ctx.path("data"), **ctx.settings.data_args(), progress=ctx.progress, log=None)
     return {"n": res.n, "splits": res.split_counts, "status": res.status}
 
 
@@ -349,7 +364,7 @@ def _step_report(ctx: DemoContext) -> dict:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("data", "data", _step_data, "generate the synthetic scenes", ("preset", "n_images", "recipe")),
+    Step("data", "data", _step_data, "generate the synthetic scenes", ("preset", "data")),
     Step("train", "model", _step_train, "train the model (Florence-2 pretraining, stage 1, stage 2, eval)",
          ("preset", "seed", "recipe")),
     Step("capture", "store", _step_capture, "capture features into the store", ("pool", "n_capture")),

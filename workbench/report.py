@@ -178,7 +178,7 @@ def write_report(run: str | Path) -> Path:
     run = Path(run)
     figs = run / FIG_DIR
     figs.mkdir(parents=True, exist_ok=True)
-    md: list[str] = [f"# Florence-VL workbench demo report\n",
+    md: list[str] = ["# Florence-VL workbench demo report\n",
                      f"Run directory `{run}`, written {time.strftime('%Y-%m-%d %H:%M')}. "
                      f"Explore it interactively: `{app_command(run)}`.\n"]
     order = [s.name for s in STEPS]

@@ -59,10 +59,11 @@ def render(cfg: AppConfig) -> None:
                             "chance": c.get("chance", math.nan), "pairs (train/eval)": f"{c.get('n_train')}/{c.get('n_eval')}"})
     sdf = pd.DataFrame(summary)
     bars = alt.Chart(sdf).mark_bar().encode(
-        x=alt.X("config:N", sort=None), y=alt.Y("held-out loss:Q", scale=alt.Scale(zero=False)),
+        x=alt.X("config:N", sort=None, axis=alt.Axis(labelAngle=-30)),
+        y=alt.Y("held-out loss:Q", scale=alt.Scale(zero=False)),
         color="encoder:N", xOffset="encoder:N", tooltip=list(sdf.columns))
     chance = alt.Chart(sdf).mark_rule(color="gray", strokeDash=[4, 4]).encode(y="mean(chance):Q")
-    st.altair_chart(bars + chance, width="stretch")
+    st.altair_chart((bars + chance).properties(height=260, title="held-out loss (dashed: chance)"), width="stretch")
     configs = list(dict.fromkeys(sdf["config"]))
     shown = st.multiselect("curves", configs, default=[c for c in configs if not c.startswith("-")][:6],
                            key="align_curves") or configs

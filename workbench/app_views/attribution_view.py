@@ -55,10 +55,10 @@ def show_record(rec: dict, image) -> None:
     if streams.get("shares"):
         sdf = pd.DataFrame({"stream": list(streams["shares"]), "share": list(streams["shares"].values()),
                             "signed": [streams.get("signed", {}).get(k) for k in streams["shares"]]})
-        st.altair_chart(alt.Chart(sdf).mark_bar().encode(x=alt.X("stream:N", sort=None), y=alt.Y("share:Q", axis=alt.Axis(format="%")),
-                                                         tooltip=["stream", alt.Tooltip("share:Q", format=".1%"),
-                                                                  alt.Tooltip("signed:Q", format="+.4f")]),
-                        width="stretch")
+        bars = alt.Chart(sdf).mark_bar().encode(
+            x=alt.X("stream:N", sort=None, axis=alt.Axis(labelAngle=0)), y=alt.Y("share:Q", axis=alt.Axis(format="%")),
+            tooltip=["stream", alt.Tooltip("share:Q", format=".1%"), alt.Tooltip("signed:Q", format="+.4f")])
+        st.altair_chart(bars.properties(height=220, title="share of |attribution| per fusion stream"), width="stretch")
     d = [("F(x) - F(baseline)", pixels.get("output_difference")), ("pixel IG delta", pixels.get("delta")),
          ("stream IG delta", streams.get("delta"))]
     st.caption(" · ".join(f"{k}: {v:+.4f}" for k, v in d if isinstance(v, (int, float))) +

@@ -4,7 +4,6 @@ features, one matrix)."""
 from __future__ import annotations
 
 import altair as alt
-import numpy as np
 import pandas as pd
 import streamlit as st
 

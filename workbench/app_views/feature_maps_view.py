@@ -29,33 +29,48 @@ def _heat_tile(values: np.ndarray, vmax: float) -> np.ndarray:
     return _tile(colormaps["magma"](v)[..., :3])
 
 
+def _tiles(items: list[tuple[np.ndarray, str]], per_row: int = 6) -> None:
+    for start in range(0, len(items), per_row):
+        cols = st.columns(per_row)
+        for col, (img, caption) in zip(cols, items[start:start + per_row]):
+            col.image(img, caption=caption, width="stretch")
+
+
 def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None, key: str = "fmap") -> None:
-    """PCA-RGB rows (one PCA per row, so colours compare across the prompts of a row) and difference maps."""
+    """The image once; vision stages and fusion taps (one PCA each); then one row per encoder layer with V and
+    every prompt under ONE shared PCA (equal colours = similar features); then the difference maps."""
     if not grids:
         st.info("No spatial taps to draw.")
         return
-    background = st.radio("background", ["none", "otsu"], horizontal=True, key=f"{key}_bg",
-                          help="otsu: split PC1 by Otsu's threshold and black out the background (DINOv2 style)")
+    head = st.columns([1, 3])
+    if image is not None:
+        head[0].image(image, caption="image", width="stretch")
+    background = head[1].radio("background", ["none", "otsu"], horizontal=True, key=f"{key}_bg",
+                               help="otsu: split PC1 by Otsu's threshold and black out the background (DINOv2 style)")
+    head[1].caption("PCA of the patch tokens as RGB. Rows of prompts share one PCA with the depth stream V, so the "
+                    "same colour means the same feature direction across prompts; other taps get their own PCA.")
     rows = compute.layout_rows(list(grids))
     prompt_rows = [(k, t) for k, t in rows if all(x.startswith("prompt.") for x in t)]
-    for key, taps in rows:
-        if key == "V" and prompt_rows:
-            continue  # depth V is drawn at the head of every prompt row
-        members = (["depth"] if "depth" in grids and all(t.startswith("prompt.") for t in taps) else []) + taps
+    singles = [t for k, ts in rows for t in ts
+               if not t.startswith("prompt.") and not (t == "depth" and prompt_rows)]
+    if singles:
+        head[1].markdown("**Vision stages, depth and fusion** (one PCA each)")
+        items = []
+        for t in singles:
+            try:
+                rgb = compute.pca_rgb({t: grids[t]}, background=background)[t]
+            except ValueError:
+                continue
+            items.append((_tile(rgb), f"{t} ({grids[t].shape[0]}x{grids[t].shape[1]})"))
+        _tiles(items)
+    for layer, taps in prompt_rows:
+        members = (["depth"] if "depth" in grids else []) + taps
         try:
             rgb = compute.pca_rgb({t: grids[t] for t in members}, background=background)
         except ValueError:
             continue
-        st.markdown(f"**{key}**" + (" (depth V, then each prompt)" if members[0] == "depth" and len(members) > 1 else ""))
-        cols = st.columns(max(len(members) + (1 if image is not None else 0), 4))
-        offset = 0
-        if image is not None:
-            cols[0].image(image, caption="image", width="stretch")
-            offset = 1
-        for j, t in enumerate(members):
-            stream, depth, _ = compute.tap_position(t)
-            cols[offset + j].image(_tile(rgb[t]), caption=f"{t} ({grids[t].shape[0]}x{grids[t].shape[1]})",
-                                   width="stretch")
+        st.markdown(f"**Encoder {layer}**: V, then each prompt (shared PCA)")
+        _tiles([(_tile(rgb[t]), t) for t in members])
     if "depth" in grids and prompt_rows:
         st.subheader("Difference maps: where each prompt changed V")
         layer = st.selectbox("encoder layer", [k for k, _ in prompt_rows], index=len(prompt_rows) - 1,
@@ -64,14 +79,8 @@ def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None, ke
         diffs = compute.difference_maps({"depth": grids["depth"], **{t: grids[t] for t in taps}}, "depth")
         if diffs:
             vmax = max(float(d.max()) for d in diffs.values())
-            cols = st.columns(max(len(diffs) + (1 if image is not None else 0), 4))
-            if image is not None:
-                cols[0].image(image, caption="image", width="stretch")
-            for j, (t, d) in enumerate(diffs.items()):
-                cols[j + (1 if image is not None else 0)].image(
-                    _heat_tile(d, vmax), width="stretch",
-                    caption=f"{t}: mean {d.mean():.2f}, max {d.max():.2f}")
-            st.caption("1 - cosine(prompt features, V) per patch; one colour scale for all prompts.")
+            _tiles([(_heat_tile(d, vmax), f"{t}: mean {d.mean():.3f}, max {d.max():.3f}") for t, d in diffs.items()])
+            st.caption("1 - cosine(prompt features, V) per patch; one colour scale for all prompts (brighter = changed more).")
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

@@ -68,4 +68,4 @@ def render(cfg: AppConfig) -> None:
     from workbench.app_views.feature_maps_view import show_grids
 
     st.subheader("Taps (PCA as RGB, one basis per row)")
-    show_grids(out["taps"], out["image"], key="live")
+    show_grids(out["taps"], None, key="live")

@@ -57,9 +57,15 @@ def render(cfg: AppConfig) -> None:
         tooltip = ["image"] + tooltip
     pick = alt.selection_point(fields=["id"], name="points", on="click")
     brush = alt.selection_interval(name="brush")
-    chart = alt.Chart(df).mark_circle(size=60).encode(
-        x=alt.X("x:Q", title=f"{method} 1"), y=alt.Y("y:Q", title=f"{method} 2"),
-        color=alt.Color(f"{colour}:N", legend=alt.Legend(title=colour)), tooltip=tooltip,
+    values = sorted(set(df[colour]))
+    from matplotlib.colors import is_color_like
+
+    # labels that are colour names (main_color) are drawn in their own colour
+    scale = alt.Scale(domain=values, range=values) if all(is_color_like(v) for v in values) else alt.Scale()
+    chart = alt.Chart(df).mark_circle(size=70, opacity=0.85).encode(
+        x=alt.X("x:Q", title=f"{method} 1", scale=alt.Scale(zero=False)),
+        y=alt.Y("y:Q", title=f"{method} 2", scale=alt.Scale(zero=False)),
+        color=alt.Color(f"{colour}:N", legend=alt.Legend(title=colour), scale=scale), tooltip=tooltip,
     ).add_params(pick, brush).properties(height=480)
     event = st.altair_chart(chart, on_select="rerun", key="umap_chart", width="stretch")
     sel = getattr(event, "selection", None) or {}

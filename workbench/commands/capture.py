@@ -2,7 +2,8 @@
 
 Rerun the same command after an interruption to resume; failed items are recorded with their error.
 Under `torchrun --nproc_per_node=N fvl capture ...` each rank writes its own shards.
-Exit status: the number of failed items (capped at 100), 0 when all succeeded.
+Exit status: the number of items recorded as failed (this run's and earlier runs' failures of the same
+selection; capped at 100), 0 when every item is stored. Rerun with --retry-failed to try them again.
 """
 from __future__ import annotations
 
@@ -62,4 +63,7 @@ def run(args) -> int:
               f"-> {args.out} ({report.seconds:.1f} s)")
         for item_id, err in list(report.errors.items())[:10]:
             print(f"  failed {item_id}: {err}")
-    return min(report.failed, 100)
+        if report.failed_in_store > report.failed:
+            print(f"  {report.failed_in_store - report.failed} items failed in an earlier run; "
+                  "rerun with --retry-failed to try them again")
+    return min(report.failed_in_store, 100)

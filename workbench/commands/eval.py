@@ -40,6 +40,8 @@ def register(sub) -> None:
     f.add_argument("--data", required=True, help="a `fvl data synth` directory (florence2_tasks.json)")
     f.add_argument("--split", default="test", help="split to score (default test)")
     f.add_argument("--limit", type=int, default=100, help="images to score, 0 = all (default 100)")
+    f.add_argument("--caption-task", default="<DETAILED_CAPTION>",
+                   help="caption task scored by token F1: the one the model was trained on (default <DETAILED_CAPTION>)")
     f.add_argument("--image-size", type=int, default=None,
                    help="input side (default: the one recorded with the checkpoint)")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
@@ -125,7 +127,7 @@ def run_florence2(args) -> int:
     processor = FlorenceVLProcessor(build_llm_tokenizer(), tokenizer, image_size=int(size), num_image_tokens=1)
     try:
         result = evaluate_florence2(florence2, processor, data, args.split, limit=args.limit or None,
-                                    progress=not args.json)
+                                    caption_task=args.caption_task, progress=not args.json)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     if args.json:
