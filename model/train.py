@@ -74,6 +74,7 @@ class TrainConfig:
     tune_projector: bool = True
     tune_llm: bool = True
     cache_features: bool | None = None  # None: cache image features whenever the vision side is frozen
+    shuffle_turns: bool = True  # stage 2: seeded shuffle of each conversation's QA turns (see load_vlm_samples)
     save_every: int = 0  # checkpoint every N steps (0: only the final one)
     save_total_limit: int | None = 2  # keep the newest N checkpoints
     resume: bool = False
@@ -530,17 +531,26 @@ class VLMSample:
 
 
 def load_vlm_samples(processor, llava_file: str | Path, template: str, image_folder: str | Path | None = None,
-                     max_length: int | None = None) -> list[VLMSample]:
-    """Tokenise a LLaVA JSON file with a conversation template (labels cover answers only)."""
+                     max_length: int | None = None, shuffle_turns_seed: int | None = None) -> list[VLMSample]:
+    """Tokenise a LLaVA JSON file with a conversation template (labels cover answers only).
+
+    `shuffle_turns_seed` reorders each multi-turn conversation's (question, answer) turns with a
+    seeded permutation. Generated QA lists come in a fixed order (count first, then colour, ...);
+    trained in that order, the model learns "the first answer is a number" instead of reading the
+    question, and fails on a lone question at test time."""
+    import random as _random
+
     from workbench.data.llava import read_llava
 
     samples = []
-    for s in read_llava(llava_file, image_folder, check_images=True):
+    for k, s in enumerate(read_llava(llava_file, image_folder, check_images=True)):
         if s.image_path is None:
             continue  # this model needs an image per sample
         turns = conversations_to_turns(s.conversations)
         if not turns:
             continue
+        if shuffle_turns_seed is not None and len(turns) > 1:
+            _random.Random(shuffle_turns_seed * 1_000_003 + k).shuffle(turns)
         ids, labels = processor.encode_conversation(turns, template=template)
         if max_length:
             ids, labels = ids[:max_length], labels[:max_length]
@@ -646,7 +656,8 @@ def train_stage(model, processor, dataset: str | Path | Sequence[VLMSample], con
     template = cfg.template or ("plain" if cfg.stage == "pretrain" else
                                 (model.config.template if model.config.template != "plain" else "phi3"))
     if isinstance(dataset, (str, Path)):
-        samples = load_vlm_samples(processor, dataset, template, image_folder, cfg.max_length)
+        shuffle = cfg.seed if (cfg.shuffle_turns and template != "plain") else None
+        samples = load_vlm_samples(processor, dataset, template, image_folder, cfg.max_length, shuffle)
     else:
         samples = list(dataset)
     if cfg.stage != "pretrain":

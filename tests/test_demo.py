@@ -10,17 +10,20 @@ from workbench.cli import main
 
 
 def _fake_steps(calls: list[str], fail_at: str | None = None):
-    """Three cheap steps with the real Step/run_demo machinery: each writes its output file."""
+    """Three cheap steps with the real Step/run_demo machinery: each writes its output file and appends to
+    a work file (which a rerun with other settings must clean, and a resumed run must keep)."""
     from workbench.demo import Step
 
     def make(name: str):
         def run(ctx):
             calls.append(name)
+            work = ctx.out / f"{name}.work"
+            work.write_text(work.read_text() + "x" if work.exists() else "x")
             if name == fail_at:
-                raise KeyboardInterrupt  # killed half-way: no output, no record
+                raise KeyboardInterrupt  # killed half-way: partial work, no output, no record
             (ctx.out / f"{name}.txt").write_text(name)
             return {"wrote": name}
-        return Step(name, f"{name}.txt", run, f"step {name}", ("seed",))
+        return Step(name, f"{name}.txt", run, f"step {name}", ("seed",), (f"{name}.work",))
 
     return [make("a"), make("b"), make("c")]
 
@@ -35,6 +38,7 @@ def test_pipeline_skips_complete_steps_and_resumes_after_an_interruption(tmp_pat
     calls.clear()
     out = run_demo(tmp_path, DemoSettings(), steps=_fake_steps(calls), progress=False, log=lambda m: None)
     assert calls == ["b", "c"]  # a was complete; b and c run
+    assert (tmp_path / "b.work").read_text() == "xx"  # the interrupted step resumed its partial work
     assert [v["status"] for v in out["steps"].values()] == ["done", "ran", "ran"]
     calls.clear()
     out = run_demo(tmp_path, DemoSettings(), steps=_fake_steps(calls), progress=False, log=lambda m: None)
@@ -42,6 +46,7 @@ def test_pipeline_skips_complete_steps_and_resumes_after_an_interruption(tmp_pat
     # another setting the steps depend on, or a deleted output, or --redo: that step and all after it rerun
     run_demo(tmp_path, DemoSettings(seed=1), steps=_fake_steps(calls), progress=False, log=lambda m: None)
     assert calls == ["a", "b", "c"]
+    assert (tmp_path / "b.work").read_text() == "x"  # other settings: started over
     calls.clear()
     (tmp_path / "b.txt").unlink()
     run_demo(tmp_path, DemoSettings(seed=1), steps=_fake_steps(calls), progress=False, log=lambda m: None)

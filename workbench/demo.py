@@ -107,6 +107,7 @@ class Step:
     run: Callable[["DemoContext"], dict]
     description: str = ""
     keys: tuple[str, ...] = ()  # the settings this step's output depends on (besides earlier steps)
+    clean: tuple[str, ...] = ()  # paths (relative to OUT) removed before a rerun with other settings
 
 
 @dataclass
@@ -364,10 +365,10 @@ def _step_report(ctx: DemoContext) -> dict:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("data", "data", _step_data, "generate the synthetic scenes", ("preset", "data")),
+    Step("data", "data", _step_data, "generate the synthetic scenes", ("preset", "data"), ("data",)),
     Step("train", "model", _step_train, "train the model (Florence-2 pretraining, stage 1, stage 2, eval)",
-         ("preset", "seed", "recipe")),
-    Step("capture", "store", _step_capture, "capture features into the store", ("pool", "n_capture")),
+         ("preset", "seed", "recipe"), ("florence2", "pretrain", "finetune", "results.json", "model")),
+    Step("capture", "store", _step_capture, "capture features into the store", ("pool", "n_capture"), ("store",)),
     Step("probe", "probe/probe.json", _step_probe, "linear probes per tap and label",
          ("probe_folds", "probe_select", "probe_Cs", "probe_taps", "probe_labels")),
     Step("align", "align/alignment.json", _step_align, "vision-language alignment per stream", ("align_steps", "seed")),
@@ -431,6 +432,14 @@ def run_demo(out: str | Path, settings: DemoSettings | None = None, *, only: Seq
             upstream[step.name] = rec.get("finished")
             log(f"[{step.name}] already complete: {ctx.path(step.output)}")
             continue
+        if step_record(ctx, step).is_file() or step.name in force:
+            # done before with other settings or inputs (or --redo): start over; without a record it resumes
+            import shutil
+
+            for rel in step.clean:
+                p = ctx.path(rel)
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            step_record(ctx, step).unlink(missing_ok=True)
         log(f"[{step.name}] {step.description} -> {ctx.path(step.output)}")
         t0 = time.perf_counter()
         info = step.run(ctx)

@@ -13,7 +13,10 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="tiny preset and a few dozen images (a few minutes)")
     p.add_argument("--preset", default=None, help="model preset (default: small; tiny with --quick)")
-    p.add_argument("--n", type=int, default=None, help="number of synthetic images (default 600; 48 with --quick)")
+    p.add_argument("--n", type=int, default=None,
+                   help="synthetic images for training and analysis (default: the recipe's; 48 with --quick)")
+    p.add_argument("--recipe", default=None, metavar="JSON",
+                   help='training recipe overrides, e.g. \'{"image_size": 192, "n_images": 1000}\' (model.recipe.RecipeConfig fields)')
     p.add_argument("--only", default=None, help="stop after this step (data, train, capture, probe, align, "
                                                  "attribute, project, report)")
     p.add_argument("--redo", default="", help="comma-separated steps to run again even if complete")
@@ -39,7 +42,19 @@ def run(args) -> int:
         if args.n < 24:
             raise UserError(f"--n {args.n}: the probes and the alignment need at least 24 images")
         changes["n_images"] = args.n
+    if args.recipe:
+        try:
+            extra = json.loads(args.recipe)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--recipe {args.recipe!r} is not JSON ({exc.msg}); write e.g. '{{\"image_size\": 192}}'") from None
+        if not isinstance(extra, dict):
+            raise UserError("--recipe must be a JSON object of RecipeConfig fields")
+        changes["recipe"] = tuple({**dict(settings.recipe), **extra}.items())
     settings = dataclasses.replace(settings, **changes)
+    try:
+        settings.recipe_config()
+    except ValueError as exc:
+        raise UserError(f"--recipe: {exc}") from None
     names = [s.name for s in STEPS]
     redo = [s.strip() for s in args.redo.split(",") if s.strip()]
     for n in redo + ([args.only] if args.only else []):
