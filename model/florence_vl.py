@@ -162,6 +162,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
                  attention_mask: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
                  **generate_kwargs) -> torch.LongTensor:
         """Generate answer tokens (only the new ones). Image features are computed once per call."""
+        generate_kwargs.pop("labels", None)  # a processor batch may carry (all-ignored) labels
         if image_features is None and pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
         inputs_embeds = self.merge_image_features(input_ids, image_features)

@@ -140,6 +140,9 @@ def test_feature_maps_from_a_grid_store(run_dir):
     captions = _captions(at)
     assert any("prompt.ocr" in c for c in captions) and any("depth" in c for c in captions)
     assert any("Difference maps" in s.value for s in at.subheader)
+    at.radio(key="fmap_basis").set_value("one per map").run()
+    _ok(at)
+    assert any("one PCA per map" in m.value for m in at.markdown)
 
 
 def test_alignment_attribution_umap_and_compare_views(run_dir):

@@ -47,8 +47,12 @@ def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None, ke
         head[0].image(image, caption="image", width="stretch")
     background = head[1].radio("background", ["none", "otsu"], horizontal=True, key=f"{key}_bg",
                                help="otsu: split PC1 by Otsu's threshold and black out the background (DINOv2 style)")
-    head[1].caption("PCA of the patch tokens as RGB. Rows of prompts share one PCA with the depth stream V, so the "
-                    "same colour means the same feature direction across prompts; other taps get their own PCA.")
+    shared = head[1].radio("PCA basis for the prompt rows", ["shared per row", "one per map"], horizontal=True,
+                           key=f"{key}_basis", help="shared: equal colours mean the same feature direction across V "
+                           "and the prompts (shows how far each prompt shifts the tokens); one per map: the spatial "
+                           "structure inside each map") == "shared per row"
+    head[1].caption("PCA of the patch tokens as RGB (the paper's Fig. 3 style); vision stages and fusion taps always "
+                    "get their own PCA.")
     rows = compute.layout_rows(list(grids))
     prompt_rows = [(k, t) for k, t in rows if all(x.startswith("prompt.") for x in t)]
     singles = [t for k, ts in rows for t in ts
@@ -66,10 +70,13 @@ def show_grids(grids: dict[str, np.ndarray], image: np.ndarray | None = None, ke
     for layer, taps in prompt_rows:
         members = (["depth"] if "depth" in grids else []) + taps
         try:
-            rgb = compute.pca_rgb({t: grids[t] for t in members}, background=background)
+            if shared:
+                rgb = compute.pca_rgb({t: grids[t] for t in members}, background=background)
+            else:
+                rgb = {t: compute.pca_rgb({t: grids[t]}, background=background)[t] for t in members}
         except ValueError:
             continue
-        st.markdown(f"**Encoder {layer}**: V, then each prompt (shared PCA)")
+        st.markdown(f"**Encoder {layer}**: V, then each prompt ({'shared PCA' if shared else 'one PCA per map'})")
         _tiles([(_tile(rgb[t]), t) for t in members])
     if "depth" in grids and prompt_rows:
         st.subheader("Difference maps: where each prompt changed V")

@@ -46,7 +46,15 @@ def render(cfg: AppConfig) -> None:
                  alt.Tooltip("selectivity:Q", format="+.3f"), alt.Tooltip("chance:Q", format=".3f"), "metric"],
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
     ).add_params(pick)
-    text = base.mark_text(fontSize=9).encode(text=alt.Text(f"{value}:Q", format=".2f"))
+    vals = view[value].dropna()
+    if value == "score":
+        mid = float((vals.min() + vals.max()) / 2) if len(vals) else 0.0
+        dark = f"datum.{value} < {mid}"  # viridis is dark at the low end
+    else:
+        lim = float(vals.abs().max()) if len(vals) else 1.0
+        dark = f"abs(datum.{value}) > {0.6 * lim}"  # the diverging scale is dark at both ends
+    text = base.mark_text(fontSize=9).encode(text=alt.Text(f"{value}:Q", format=".2f"),
+                                             color=alt.condition(dark, alt.value("white"), alt.value("black")))
     chart = alt.layer(heat, text, data=view).properties(width=190, height=22 * max(3, len(depth_order))).facet(
         facet=alt.Facet("label:N", sort=chosen or labels), columns=3)
     event = st.altair_chart(chart, on_select="rerun", key="probe_heat")
