@@ -83,8 +83,11 @@ class Florence2Sample:
 
 
 def load_florence2_samples(data_dir: str | Path, tokenizer, split: str = "train",
-                           tasks: Sequence[str] = DEFAULT_TASKS, max_target_length: int = 256) -> list[Florence2Sample]:
-    """One sample per image holding all of its task targets (and its regions, for dense tags)."""
+                           tasks: Sequence[str] = DEFAULT_TASKS, max_target_length: int = 256,
+                           split_tasks: bool = False) -> list[Florence2Sample]:
+    """One sample per image holding all of its task targets (and its regions, for dense tags);
+    with `split_tasks`, one sample per (image, task): a step then decodes one task per image, which
+    spends the CPU on more images (the vision tower is what must learn) instead of more tasks."""
     from model.evaluate import parse_regions_lenient
     from workbench.data.dataset import load_florence2_tasks
 
@@ -99,29 +102,38 @@ def load_florence2_samples(data_dir: str | Path, tokenizer, split: str = "train"
             s.tasks.append(r["task"])
             s.targets.append(tokenizer(r["target"], add_special_tokens=True)["input_ids"][:max_target_length])
     samples = [s for s in by_image.values() if s.tasks]
+    if split_tasks:
+        samples = [Florence2Sample(s.image, [t], [y], s.regions) for s in samples for t, y in zip(s.tasks, s.targets)]
     if not samples:
         raise ValueError(f"{data_dir} has no Florence-2 task rows for split {split!r} and tasks {list(tasks)}; "
                          "make the data with `fvl data synth --kind scenes`")
     return samples
 
 
+def label_words(label: str) -> list[str]:
+    """A region label as tags: its lowercase words ("red circle" -> red, circle; "word farm" -> word, farm)."""
+    return [w for w in label.lower().split() if w]
+
+
 def tag_vocabulary(samples: Sequence[Florence2Sample]) -> list[str]:
-    return sorted({label for s in samples for label, _ in s.regions})
+    return sorted({w for s in samples for label, _ in s.regions for w in label_words(label)})
 
 
 def dense_tags(regions, vocab: dict[str, int], grid: int, global_token: bool = True) -> list[tuple[int, int]]:
-    """(token index, tag id) pairs: each region's label on the grid cell holding its box centre,
-    and every label on the global token (index 0) when the image tokens start with one."""
+    """(token index, tag id) pairs: the words of each region label on the grid cell holding the box
+    centre, and all of them on the global token (index 0) when the image tokens start with one.
+    Tags are label *words*, so colour and shape (or "word" and the word itself) are learned as
+    separate factors instead of one class per combination."""
     out: list[tuple[int, int]] = []
     offset = 1 if global_token else 0
     for label, (x0, y0, x1, y1) in regions:
-        if label not in vocab:
-            continue
         col = min(grid - 1, max(0, int((x0 + x1) / 2 / 1000 * grid)))
         row = min(grid - 1, max(0, int((y0 + y1) / 2 / 1000 * grid)))
-        out.append((offset + row * grid + col, vocab[label]))
-        if global_token:
-            out.append((0, vocab[label]))
+        for word in label_words(label):
+            if word in vocab:
+                out.append((offset + row * grid + col, vocab[word]))
+                if global_token:
+                    out.append((0, vocab[word]))
     return out
 
 
@@ -133,12 +145,15 @@ class Florence2Task(nn.Module):
     plus (with a tag head) the dense region-tag loss on the image tokens."""
 
     def __init__(self, florence2, tag_head: nn.Module | None = None, tag_weight: float = 0.0,
-                 tag_scale: float = 1.0):
+                 tag_scale: float = 1.0, tag_pos_weight: float = 10.0):
         super().__init__()
         self.florence2 = florence2
         self.tag_head = tag_head
         self.tag_weight = tag_weight
-        self.tag_scale = tag_scale  # label tokens per image, so the tag term is a per-image mean after normalising
+        self.tag_scale = tag_scale  # label tokens per sample, so the tag term is a per-sample mean after normalising
+        # Most cells are background: without up-weighting the few positive (cell, tag) pairs the head
+        # learns "nothing here" first and the vision tower gets almost no object signal for hundreds of steps.
+        self.tag_pos_weight = tag_pos_weight
 
     def encoder_inputs(self, pixel_values, row_image, prompt_ids, prompt_mask, image=None):
         f2 = self.florence2
@@ -177,7 +192,9 @@ class Florence2Task(nn.Module):
             total = total + F.cross_entropy(logits.float(), lab[keep], reduction="sum")
         if self.tag_head is not None and tag_targets is not None and self.tag_weight > 0:
             tag_logits = self.tag_head(image).float()  # (B, N, V)
-            per_image = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none").sum(-1).mean(-1)
+            weight = 1.0 + (self.tag_pos_weight - 1.0) * tag_targets
+            bce = F.binary_cross_entropy_with_logits(tag_logits, tag_targets, reduction="none") * weight
+            per_image = bce.sum(-1).mean(-1)
             total = total + self.tag_weight * self.tag_scale * per_image.sum()
         return total
 
@@ -267,11 +284,12 @@ def load_florence2(path: str | Path):
 
 
 def train_florence2(model, processor, data_dir: str | Path, config: TrainConfig, *,
-                    tasks: Sequence[str] = DEFAULT_TASKS, tag_weight: float = 1.0,
+                    tasks: Sequence[str] = DEFAULT_TASKS, tag_weight: float = 1.0, split_tasks: bool = False,
                     florence2=None) -> tuple[Any, list[dict[str, Any]]]:
     """Pretrain a native Florence-2 on the data's caption/OCR/region tasks, then copy it into `model`.
 
-    `tag_weight` weighs the dense region-tag loss (0 turns it off: pure seq2seq). Writes
+    `tag_weight` weighs the dense region-tag loss (0 turns it off: pure seq2seq); `split_tasks` makes
+    each sample one (image, task) pair (see `load_florence2_samples`). Writes
     OUT/checkpoint-*/ (native Florence-2 + tag head, resumable) and OUT/model/ (the Florence-VL model
     whose extractor now holds the pretrained weights, with the native Florence-2 in
     OUT/model/florence2/, written in one atomic step so a finished stage always has both).
@@ -280,7 +298,7 @@ def train_florence2(model, processor, data_dir: str | Path, config: TrainConfig,
 
     cfg = config
     florence2 = florence2 if florence2 is not None else build_florence2(model, seed=cfg.seed)
-    samples = load_florence2_samples(data_dir, processor.florence2_tokenizer, "train", tasks)
+    samples = load_florence2_samples(data_dir, processor.florence2_tokenizer, "train", tasks, split_tasks=split_tasks)
     florence2.requires_grad_(True)
     if cfg.gradient_checkpointing:
         enable_vision_checkpointing(florence2)

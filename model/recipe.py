@@ -36,12 +36,14 @@ QA_TYPES = ("count", "color", "shape", "position", "reading", "existence")
 class RecipeConfig:
     """Sizes and schedules of the scaled-down recipe (defaults: the `small` preset on 2 CPU cores)."""
 
-    n_images: int = 2000
-    image_size: int | None = None  # None: the preset's image size
+    n_images: int = 3000
+    image_size: int | None = 192  # None: the preset's image size
     data_seed: int = 0
     seed: int = 42
     florence2_tasks: tuple[str, ...] = ("<DETAILED_CAPTION>", "<OCR>", "<DENSE_REGION_CAPTION>")
-    florence2: dict[str, Any] = field(default_factory=lambda: dict(epochs=2.0, batch_size=16, lr=1e-3, warmup_ratio=0.05))
+    florence2: dict[str, Any] = field(default_factory=lambda: dict(epochs=2.5, batch_size=16, lr=1e-3, warmup_ratio=0.03))
+    florence2_tag_weight: float = 1.0  # dense region tags beside the seq2seq tasks (see model.florence2_pretrain)
+    florence2_split_tasks: bool = True  # one (image, task) pair per sample
     pretrain: dict[str, Any] = field(default_factory=lambda: dict(epochs=1.0, batch_size=16, lr=1e-3))
     finetune: dict[str, Any] = field(default_factory=lambda: dict(epochs=3.0, batch_size=16, lr=1e-3))
     tune_vision: bool = False  # stage 1 also trains the vision side (no feature cache then)
@@ -108,7 +110,8 @@ def run_recipe(preset: str = "small", out: str | Path = "runs/recipe", config: R
     else:
         model, processor = build_model(preset, image_size=image_size, seed=rc.seed)
         florence2, _ = timed("florence2", lambda: train_florence2(
-            model, processor, data_dir, _stage_config(rc, "florence2", out), tasks=rc.florence2_tasks))
+            model, processor, data_dir, _stage_config(rc, "florence2", out), tasks=rc.florence2_tasks,
+            tag_weight=rc.florence2_tag_weight, split_tasks=rc.florence2_split_tasks))
 
     # 2. stage 1 and 3. stage 2 share one feature bank while the vision side stays frozen
     bank: FeatureBank | None = None

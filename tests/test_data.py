@@ -231,6 +231,18 @@ def test_synth_writes_everything_and_is_deterministic(tmp_path, capsys):
         conv = r["conversations"]
         assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in conv) == 1
         assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+    # the QA turns are the image's QA pairs, in a per-image shuffled order (a fixed order lets a small
+    # LLM answer by turn position instead of by question)
+    qa_by_image: dict[str, list] = {}
+    for q in load_qa(a, split="train"):
+        qa_by_image.setdefault(q["image_id"], []).append((q["question"], q["answer"]))
+    same_order = 0
+    for r in instruct:
+        conv = r["conversations"]
+        turns = [(conv[k]["value"].removeprefix("<image>\n"), conv[k + 1]["value"]) for k in range(0, len(conv), 2)]
+        assert sorted(turns) == sorted(qa_by_image[r["id"]])
+        same_order += turns == qa_by_image[r["id"]]
+    assert same_order < len(instruct) / 2
 
     qa = load_qa(a)
     assert {q["image_id"] for q in qa} == set(ids) and all(Path(q["image"]).is_file() for q in qa)

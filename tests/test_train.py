@@ -229,6 +229,27 @@ def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("ocr_exact_match", "caption_token_f1", "region_recall_iou50"))
 
 
+def test_dense_tags_put_label_words_on_the_box_centre_cell(data_dir, tiny):
+    from model.florence2_pretrain import dense_tags, load_florence2_samples, tag_vocabulary
+
+    vocab = {w: i for i, w in enumerate(["circle", "farm", "red", "word"])}
+    regions = [("red circle", (0, 0, 240, 240)), ("word farm", (760, 510, 990, 740))]
+    tags = dense_tags(regions, vocab, grid=4, global_token=True)
+    # red circle: centre (120, 120) -> cell (0, 0) = token 1; word farm: centre (875, 625) -> cell (2, 3) = token 12
+    assert sorted(t for t in tags if t[0] != 0) == [(1, vocab["circle"]), (1, vocab["red"]),
+                                                    (12, vocab["farm"]), (12, vocab["word"])]
+    assert sorted(tag for tok, tag in tags if tok == 0) == sorted(vocab.values())  # all words on the global token
+    assert sorted({tok for tok, _ in dense_tags(regions, vocab, grid=4, global_token=False)}) == [0, 11]
+    # one sample per (image, task) when asked, with the same targets
+    model, proc = tiny
+    tasks = ("<OCR>", "<DENSE_REGION_CAPTION>")
+    whole = load_florence2_samples(data_dir, proc.florence2_tokenizer, "train", tasks)
+    split = load_florence2_samples(data_dir, proc.florence2_tokenizer, "train", tasks, split_tasks=True)
+    assert len(split) == sum(len(s.tasks) for s in whole) and all(len(s.tasks) == 1 for s in split)
+    assert sorted(map(str, (t for s in split for t in s.targets))) == sorted(map(str, (t for s in whole for t in s.targets)))
+    assert set(tag_vocabulary(whole)) >= {"word"} | {w for s in whole for label, _ in s.regions for w in label.split()}
+
+
 # ---- evaluation --------------------------------------------------------------------------------
 def test_metrics():
     from model.evaluate import box_iou, region_recall, token_f1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -59,8 +60,10 @@ def run_taps(model, processor, images: list, tap_names: list[str], pool: str, qu
 
 
 def store_manifest(model, tap_names: list[str], pool: str, dataset_fingerprint: str, model_id: str,
-                   dtype: str = "float16", question: str = DEFAULT_QUESTION) -> dict:
-    """Manifest for a store: per-item tap shapes after pooling, found with one tiny forward."""
+                   dtype: str = "float16", question: str = DEFAULT_QUESTION, dataset_root: str = "") -> dict:
+    """Manifest for a store: per-item tap shapes after pooling, found with one tiny forward.
+    `dataset_root` records where the images came from (informative only: a moved data set with the
+    same fingerprint still resumes into the store)."""
     shapes = {}
     probe = tap_shapes_after_pool(model, tap_names, pool)
     for name in tap_names:
@@ -68,7 +71,7 @@ def store_manifest(model, tap_names: list[str], pool: str, dataset_fingerprint: 
     cfg = model.config
     views = {"fusion.input": {k: list(v) for k, v in fusion_views(model).items()}} if "fusion.input" in tap_names else {}
     return {"model_id": model_id, "config_hash": cfg.fingerprint(), "taps": shapes, "pool": pool, "dtype": dtype,
-            "dataset_fingerprint": dataset_fingerprint, "views": views,
+            "dataset_fingerprint": dataset_fingerprint, "dataset_root": dataset_root, "views": views,
             "model": {"preset": cfg.preset, "encoder_type": cfg.encoder_type, "streams": cfg.stream_names,
                       "fusion": cfg.fusion, "image_size": cfg.image_size, "image_tokens": cfg.num_image_tokens(),
                       "grid": cfg.grid_size(), "drop_global_token": cfg.drop_global_token},
@@ -110,8 +113,9 @@ def capture_dataset(model, processor, dataset, taps: list[str] | str, pool: str,
         items = items[:limit]
     rank, world = dist_rank_world()
     mine = [it for i, it in enumerate(items) if i % world == rank]
+    root = getattr(dataset, "root", None)
     manifest = store_manifest(model, tap_names, pool, getattr(dataset, "fingerprint", "") or "", model_id,
-                              question=question)
+                              question=question, dataset_root=str(Path(root).resolve()) if root else "")
     report = CaptureReport(store=str(out), total=len(mine))
     start = time.perf_counter()
     with StoreWriter(out, manifest, rank=rank, world_size=world, shard_size=shard_size,

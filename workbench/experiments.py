@@ -1070,9 +1070,8 @@ def encoder_cka(ctx: _Context, names: list[str]) -> dict:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # no matplotlib.use(): the default backend is Agg on a headless machine, and forcing it here
+    # would switch a notebook's inline backend off for the rest of its session
     import matplotlib.pyplot as plt
 
     return plt

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -197,8 +198,12 @@ class _Writers:
             return
         self.json_item("pretrain.json", {"id": rid, "image": image, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": row["detailed_caption"]}]})
+        # Question order is shuffled per image (seeded by its id): with one fixed order a small LLM
+        # learns "turn 3 is a colour" and ignores the question, then fails on single questions.
+        qas = list(row["qa"])
+        random.Random(rid).shuffle(qas)
         turns = []
-        for k, qa in enumerate(row["qa"]):
+        for k, qa in enumerate(qas):
             turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + qa["question"]})
             turns.append({"from": "gpt", "value": qa["answer"]})
         self.json_item("instruct.json", {"id": rid, "image": image, "conversations": turns})
