@@ -45,7 +45,7 @@ class RecipeConfig:
     florence2_tag_weight: float = 1.0  # dense region tags beside the seq2seq tasks (see model.florence2_pretrain)
     florence2_split_tasks: bool = True  # one (image, task) pair per sample
     pretrain: dict[str, Any] = field(default_factory=lambda: dict(epochs=1.0, batch_size=16, lr=1e-3))
-    finetune: dict[str, Any] = field(default_factory=lambda: dict(epochs=3.0, batch_size=16, lr=1e-3))
+    finetune: dict[str, Any] = field(default_factory=lambda: dict(epochs=5.0, batch_size=16, lr=1e-3))
     tune_vision: bool = False  # stage 1 also trains the vision side (no feature cache then)
     eval_split: str = "test"
     florence2_eval_images: int = 100

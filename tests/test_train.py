@@ -229,17 +229,31 @@ def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("ocr_exact_match", "caption_token_f1", "region_recall_iou50"))
 
 
-def test_dense_tags_put_label_words_on_the_box_centre_cell(data_dir, tiny):
-    from model.florence2_pretrain import dense_tags, load_florence2_samples, tag_vocabulary
+def test_dense_tags_put_label_factors_on_the_box_centre_cell(data_dir, tiny):
+    from model.florence2_pretrain import TagVocab, dense_tags, load_florence2_samples, tag_loss, tag_vocabulary
 
-    vocab = {w: i for i, w in enumerate(["circle", "farm", "red", "word"])}
+    vocab = TagVocab(first=["red", "word"], last=["circle", "farm"], words=["circle", "farm", "red", "word"])
     regions = [("red circle", (0, 0, 240, 240)), ("word farm", (760, 510, 990, 740))]
-    tags = dense_tags(regions, vocab, grid=4, global_token=True)
+    cells, boxes, multi_hot = dense_tags(regions, vocab, grid=4, global_token=True)
+    assert cells.shape == (17, 2) and multi_hot.tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert boxes[1].tolist() == pytest.approx([0.0, 0.0, 0.24, 0.24]) and boxes[12].tolist() == pytest.approx([0.76, 0.51, 0.99, 0.74])
+    assert float(boxes[[k for k in range(17) if k not in (1, 12)]].abs().sum()) == 0.0
     # red circle: centre (120, 120) -> cell (0, 0) = token 1; word farm: centre (875, 625) -> cell (2, 3) = token 12
-    assert sorted(t for t in tags if t[0] != 0) == [(1, vocab["circle"]), (1, vocab["red"]),
-                                                    (12, vocab["farm"]), (12, vocab["word"])]
-    assert sorted(tag for tok, tag in tags if tok == 0) == sorted(vocab.values())  # all words on the global token
-    assert sorted({tok for tok, _ in dense_tags(regions, vocab, grid=4, global_token=False)}) == [0, 11]
+    assert cells[1].tolist() == [0, 0] and cells[12].tolist() == [1, 1]
+    background = [k for k in range(17) if k not in (1, 12)]
+    assert all(cells[k].tolist() == [2, 2] for k in background)  # background ids = vocabulary sizes
+    cells_ng = dense_tags(regions, vocab, grid=4, global_token=False).cells
+    assert cells_ng.shape == (16, 2) and cells_ng[0].tolist() == [0, 0] and cells_ng[11].tolist() == [1, 1]
+    # the loss prefers logits that name the right factors on the right cells
+    good = torch.full((1, 17, vocab.size), -5.0)
+    for k in range(17):
+        good[0, k, int(cells[k, 0])] = 5.0
+        good[0, k, 3 + int(cells[k, 1])] = 5.0
+    good[0, 0, 6:10] = 5.0
+    good[0, :, 10:] = torch.special.logit(boxes.clamp(1e-4, 1 - 1e-4))
+    bad = good.roll(1, dims=1)
+    args = (cells[None], boxes[None], multi_hot[None], vocab, 5.0, True)
+    assert float(tag_loss(good, *args)) < 0.1 < float(tag_loss(bad, *args))
     # one sample per (image, task) when asked, with the same targets
     model, proc = tiny
     tasks = ("<OCR>", "<DENSE_REGION_CAPTION>")
@@ -247,7 +261,8 @@ def test_dense_tags_put_label_words_on_the_box_centre_cell(data_dir, tiny):
     split = load_florence2_samples(data_dir, proc.florence2_tokenizer, "train", tasks, split_tasks=True)
     assert len(split) == sum(len(s.tasks) for s in whole) and all(len(s.tasks) == 1 for s in split)
     assert sorted(map(str, (t for s in split for t in s.targets))) == sorted(map(str, (t for s in whole for t in s.targets)))
-    assert set(tag_vocabulary(whole)) >= {"word"} | {w for s in whole for label, _ in s.regions for w in label.split()}
+    found = tag_vocabulary(whole)
+    assert "word" in found.first and set(found.words) == set(found.first) | set(found.last)
 
 
 # ---- evaluation --------------------------------------------------------------------------------
