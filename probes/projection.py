@@ -210,7 +210,9 @@ def embed_2d(X, method: str = "umap", seed: int = 0, n_neighbors: int = 15, min_
     if pre_pca and X.shape[1] > pre_pca:
         mean, comps, _ = _pca(X, pre_pca)
         Z = (X - mean) @ comps.T
-    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, random_state=seed)
+    # a seeded UMAP runs single-threaded anyway; saying n_jobs=1 avoids its warning about overriding n_jobs
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, min_dist=min_dist, metric=metric, random_state=seed,
+                        n_jobs=1 if seed is not None else -1)
     coords = np.asarray(reducer.fit_transform(Z), dtype=np.float64)
     return Embedding(coords, "umap", f"UMAP on {Z.shape[1]} dims",
                      {"n_neighbors": n_neighbors, "min_dist": min_dist, "metric": metric, "seed": seed,
