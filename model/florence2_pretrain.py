@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from model.config import FLORENCE2_TASK_PROMPTS
 from model.processing import IGNORE_INDEX
 from model.train import FINAL_DIR, LoopHooks, StageData, TrainConfig, finish_stage, load_weights_into, run_loop
+from model.vision import set_activation_checkpointing
 
 # Caption, OCR and region tasks: the tasks behind Florence-VL's three prompts.
 DEFAULT_TASKS: tuple[str, ...] = ("<DETAILED_CAPTION>", "<OCR>", "<DENSE_REGION_CAPTION>")
@@ -321,7 +322,7 @@ def enable_vision_checkpointing(florence2) -> None:
                 return _f(hidden_states)
 
             block.forward = forward
-    florence2.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(florence2.model.language_model, True)
 
 
 def save_florence2(florence2, processor, path: str | Path) -> Path:

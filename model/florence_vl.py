@@ -19,7 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from model.config import FlorenceVLConfig
 from model.fusion import DBFusion, Projector
 from model.hooks import HookPoint
-from model.vision import Florence2DepthBreadth
+from model.vision import Florence2DepthBreadth, set_activation_checkpointing
 
 
 def build_vision_encoder(config: FlorenceVLConfig) -> nn.Module:
@@ -118,16 +118,19 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
         pass  # handled in gradient_checkpointing_enable below
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        self.language_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **_):
+        """Checkpoint the LLM's layers and the vision side's blocks (non-reentrant)."""
+        set_activation_checkpointing(self.language_model, True)
         if hasattr(self.vision_tower, "set_vision_checkpointing"):
             self.vision_tower.set_vision_checkpointing(True)
 
-    def gradient_checkpointing_disable(self):
-        self.language_model.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self):
+        set_activation_checkpointing(self.language_model, False)
         if hasattr(self.vision_tower, "set_vision_checkpointing"):
             self.vision_tower.set_vision_checkpointing(False)
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the pre-5.x name, kept for callers
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     # ---- text side ------------------------------------------------------------------------------
     def merge_image_features(self, input_ids: torch.Tensor, image_features: torch.Tensor | None) -> torch.Tensor:

@@ -666,7 +666,7 @@ def train_stage(model, processor, dataset: str | Path | Sequence[VLMSample], con
         processor.template = template
     model.set_trainable(vision=cfg.tune_vision, projector=cfg.tune_projector, llm=cfg.tune_llm)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     cache = cfg.cache_features if cfg.cache_features is not None else not cfg.tune_vision
     if cache and cfg.tune_vision:
         raise ValueError("cache_features=True needs a frozen vision side; drop tune_vision or the cache")

@@ -21,6 +21,20 @@ from transformers.models.florence2.modeling_florence2 import Florence2MultiModal
 from model.config import check_florence2_positions
 
 
+
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Turn a transformers model's activation checkpointing on (non-reentrant) or off, under the name this
+    transformers version uses (`activation_checkpointing_*`; older 5.x releases: `gradient_checkpointing_*`)."""
+    if enabled:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
 class Florence2DepthBreadth(nn.Module):
     """Florence-2 vision tower + BART encoder producing {"depth": V, prompt_name: V'_k, ...}."""
 
@@ -79,10 +93,7 @@ class Florence2DepthBreadth(nn.Module):
                 elif not enabled and hasattr(block, "_plain_forward"):
                     block.forward = block._plain_forward
                     del block._plain_forward
-        if enabled:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.encoder.gradient_checkpointing_disable()
+        set_activation_checkpointing(self.encoder, enabled)
 
     def depth(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """V = Florence-2 projected image tokens, (B, 1 + h*w, D), global token first."""

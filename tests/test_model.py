@@ -161,7 +161,7 @@ def test_gradient_checkpointing_gives_same_gradients(rgb_images):
     model(**batch).loss.backward()
     ref = model.vision_tower.vision_tower.convs[0].conv.weight.grad.clone()
     model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model(**batch).loss.backward()
     torch.testing.assert_close(model.vision_tower.vision_tower.convs[0].conv.weight.grad, ref, rtol=1e-4, atol=1e-6)
 
