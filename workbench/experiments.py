@@ -45,6 +45,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from workbench.report import markdown_table
+
 ENCODER_KINDS = ("florence2", "davit", "clip", "cvt", "cycle")
 FUSIONS = ("channel", "token", "average")
 PROMPT_NAMES = ("caption", "ocr", "grounding")
@@ -992,20 +994,6 @@ def compute_orderings(cfg: CompareConfig, records: Mapping[str, dict], aligns: M
 
 
 # --------------------------------------------------------------------------------------------- outputs
-def _md_table(rows: list[dict], cols: list[str], digits: int = 3) -> str:
-    if not rows:
-        return "_(none)_\n"
-
-    def fmt(x: Any) -> str:
-        if isinstance(x, float):
-            return f"{x:.{digits}f}"
-        return "-" if x is None else str(x)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def paper_tables(cfg: CompareConfig, rows_by_name: Mapping[str, dict], fig5: dict | None) -> dict[str, list[dict]]:
     """Each paper table as rows with the paper's number beside ours."""
     rows: dict[str, list[dict]] = {}
@@ -1132,13 +1120,13 @@ def write_outputs(ctx: _Context, rows: list[dict], orderings: list[dict], papers
     if ctx.cfg.notes:
         md += ["", ctx.cfg.notes]
     md += ["", "## Results", "",
-           _md_table(rows, ["variant", "encoder", "training", "fusion", "prompts", *cols])]
+           markdown_table(rows, ["variant", "encoder", "training", "fusion", "prompts", *cols])]
     md += ["Columns: `vqa.*` exact-match accuracy per question type; `probe[tap].label.acc/sel` linear-probe accuracy "
            "and selectivity (accuracy minus a control task's) with grouped CV on mean-pooled features; `align.loss` "
            f"the paper's alignment loss on held-out pairs (text side: {meta.get('text_side')}; chance = ln(batch)); "
            "minutes are wall time (encoder training is shared by the variants that use it).", ""]
     md += ["## Paper orderings: reproduced?", "",
-           _md_table(orderings, ["source", "claim", "paper", "metric", "ours", "reproduced", "smallest_gap",
+           markdown_table(orderings, ["source", "claim", "paper", "metric", "ours", "reproduced", "smallest_gap",
                                  "noise_se", "within_noise"])]
     yes = [o for o in orderings if o["reproduced"] == "yes"]
     no = [o for o in orderings if o["reproduced"] == "no"]
@@ -1150,10 +1138,10 @@ def write_outputs(ctx: _Context, rows: list[dict], orderings: list[dict], papers
         md.append("- not reproduced: " + "; ".join(f"{o['source']} {o['claim']}" for o in no))
     md.append("")
     for name, trs in papers.items():
-        md += [f"## {name}", "", _md_table(trs, list(trs[0]) if trs else [])]
+        md += [f"## {name}", "", markdown_table(trs, list(trs[0]) if trs else [])]
     if cka:
         md += ["## Linear CKA between the variants' encoder features", "",
-               _md_table([{"variant": a, **{b: cka["matrix"][i][j] for j, b in enumerate(cka["labels"])}}
+               markdown_table([{"variant": a, **{b: cka["matrix"][i][j] for j, b in enumerate(cka["labels"])}}
                           for i, a in enumerate(cka["labels"])], ["variant", *cka["labels"]])]
     md += ["## Figures", ""] + [f"![{k}]({Path(p).name})" for k, p in files.items() if p.endswith(".png")]
     (out / "compare.md").write_text("\n".join(md) + "\n")

@@ -40,7 +40,8 @@ def _json(path: Path) -> Any:
         return None
 
 
-def _table(rows: list[dict[str, Any]], cols: list[str] | None = None, digits: int = 3) -> str:
+def markdown_table(rows: list[dict[str, Any]], cols: list[str] | None = None, digits: int = 3) -> str:
+    """A Markdown table of `rows` (dicts) over `cols` (default: the first row's keys); floats to `digits`."""
     if not rows:
         return "_(none)_\n"
     cols = cols or list(rows[0])
@@ -186,7 +187,7 @@ def write_report(run: str | Path) -> Path:
                                              key=lambda p: order.index(p.stem) if p.stem in order else 99)}
     if steps:
         md.append("## Pipeline\n")
-        md.append(_table([{"step": k, "seconds": (v or {}).get("seconds"), "finished": (v or {}).get("finished")}
+        md.append(markdown_table([{"step": k, "seconds": (v or {}).get("seconds"), "finished": (v or {}).get("finished")}
                           for k, v in steps.items()], digits=1))
 
     data = run / "data"
@@ -212,7 +213,7 @@ def write_report(run: str | Path) -> Path:
                   f"on the {results.get('eval_split')} split:\n")
         chance = results.get("chance") or {}
         n = results.get("n_questions") or {}
-        md.append(_table([{"type": t, "accuracy": results.get(t), "chance": chance.get(t), "questions": n.get(t)}
+        md.append(markdown_table([{"type": t, "accuracy": results.get(t), "chance": chance.get(t), "questions": n.get(t)}
                           for t in (*QA_TYPES, "overall") if results.get(t) is not None]))
         if results.get("florence2"):
             md.append("Florence-2 tasks: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
@@ -241,7 +242,7 @@ def write_report(run: str | Path) -> Path:
         st = probe.get("settings", {})
         md.append(f"{st.get('n_folds')}-fold grouped CV, C chosen by {st.get('select')}; selectivity = score minus "
                   "the control-task score (Hewitt & Liang). Best tap per label:\n")
-        md.append(_table(_probe_findings(probe)))
+        md.append(markdown_table(_probe_findings(probe)))
         md.append(f"![probe matrix]({fig_probe(probe, figs / 'probe_matrix.png')})\n")
     else:
         md.append("_No probe results (`fvl demo` or `fvl probe`)._\n")
@@ -258,7 +259,7 @@ def write_report(run: str | Path) -> Path:
                              "chance": c["chance"]})
         md.append("Held-out loss of a linear projection onto the LLM's caption features (lower = better aligned; "
                   "'-X' = all streams but X):\n")
-        md.append(_table(rows, digits=4))
+        md.append(markdown_table(rows, digits=4))
         enc, res = next(iter(align["results"].items()))
         plot_alignment(flatten(res), figs / "alignment.png", title=f"alignment per stream ({enc})")
         md.append(f"![alignment]({FIG_DIR}/alignment.png)\n")
@@ -271,7 +272,7 @@ def write_report(run: str | Path) -> Path:
         rows = [{"image": r["id"], "type": r.get("type"), "question": r["question"], "answer": r["answer"],
                  **{k: v for k, v in ((r.get("streams") or {}).get("shares") or {}).items()}} for r in attr["items"]]
         md.append("Share of |integrated gradients| carried by each fusion stream for the ground-truth answer:\n")
-        md.append(_table(rows, digits=2))
+        md.append(markdown_table(rows, digits=2))
         f = fig_attribution(run, attr["items"], figs / "attribution.png")
         if f:
             md.append(f"![attribution]({f})\n")
