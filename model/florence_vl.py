@@ -116,7 +116,7 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
         self.language_model.requires_grad_(llm)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        pass  # handled in gradient_checkpointing_enable below
+        pass  # handled in activation_checkpointing_enable below
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **_):
         """Checkpoint the LLM's layers and the vision side's blocks (non-reentrant)."""

@@ -21,7 +21,6 @@ from transformers.models.florence2.modeling_florence2 import Florence2MultiModal
 from model.config import check_florence2_positions
 
 
-
 def set_activation_checkpointing(model, enabled: bool) -> None:
     """Turn a transformers model's activation checkpointing on (non-reentrant) or off, under the name this
     transformers version uses (`activation_checkpointing_*`; older 5.x releases: `gradient_checkpointing_*`)."""
@@ -34,6 +33,7 @@ def set_activation_checkpointing(model, enabled: bool) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
+
 
 class Florence2DepthBreadth(nn.Module):
     """Florence-2 vision tower + BART encoder producing {"depth": V, prompt_name: V'_k, ...}."""
