@@ -74,7 +74,9 @@ class TrainConfig:
     tune_projector: bool = True
     tune_llm: bool = True
     cache_features: bool | None = None  # None: cache image features whenever the vision side is frozen
-    shuffle_turns: bool = True  # stage 2: seeded shuffle of each conversation's QA turns (see load_vlm_samples)
+    # stage 2: seeded shuffle of each conversation's QA turns (see load_vlm_samples). Off by default: real
+    # multi-turn data can refer back to earlier turns, and `fvl data synth` already writes shuffled turns.
+    shuffle_turns: bool = False
     save_every: int = 0  # checkpoint every N steps (0: only the final one)
     save_total_limit: int | None = 2  # keep the newest N checkpoints
     resume: bool = False
@@ -535,9 +537,9 @@ def load_vlm_samples(processor, llava_file: str | Path, template: str, image_fol
     """Tokenise a LLaVA JSON file with a conversation template (labels cover answers only).
 
     `shuffle_turns_seed` reorders each multi-turn conversation's (question, answer) turns with a
-    seeded permutation. Generated QA lists come in a fixed order (count first, then colour, ...);
-    trained in that order, the model learns "the first answer is a number" instead of reading the
-    question, and fails on a lone question at test time."""
+    seeded permutation, for data whose independent questions always come in one order: trained in that
+    order, a model learns "the first answer is a number" instead of reading the question, and fails on
+    a lone question at test time. (`fvl data synth` already shuffles its turns per image.)"""
     import random as _random
 
     from workbench.data.llava import read_llava
