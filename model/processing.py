@@ -197,6 +197,36 @@ def template_segments(template: str, turns: Sequence[tuple[str, str | None]], eo
     return segs
 
 
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Position ids of one packed sequence (segments (T,), 0 = shared prefix, k = turn k): the
+    prefix counts 0..L-1 and every turn restarts at L, where its lone question would start."""
+    prefix = int((segments == 0).sum())
+    pos = torch.arange(segments.shape[0])
+    for k in torch.unique(segments[segments > 0]).tolist():
+        where = torch.nonzero(segments == k).squeeze(1)
+        pos[where] = prefix + torch.arange(where.numel())
+    return pos
+
+
+def packed_attention_mask(segments: torch.Tensor, implementation: str = "sdpa",
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """4-D attention mask (B, 1, T, T) for packed independent turns: causal, and a token sees the
+    shared prefix (segment 0) and its own turn only. Padding (segment -1) sees the prefix, so no
+    row is empty (an all-masked row would give NaN). Boolean (True = attend) for SDPA and flex
+    attention, additive float (0 / most negative) for eager; flash-attention takes no custom masks."""
+    if implementation.startswith("flash"):
+        raise ValueError("packed independent turns need a custom attention mask, which flash-attention does not "
+                         "take; train with attn_implementation='sdpa' or without independent_turns")
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    q, k = segments.unsqueeze(2), segments.unsqueeze(1)
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed = allowed.unsqueeze(1)
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
 def stop_strings(template: str) -> list[str]:
     return {"plain": ["\n"], "phi3": ["<|end|>"], "llama3": ["<|eot_id|>"]}[template]
 
@@ -260,20 +290,64 @@ class FlorenceVLProcessor:
         segs = template_segments(template or self.template, turns, eos)
         return self._encode_segments(segs)
 
-    def collate(self, samples: Sequence[tuple[list[int], list[int]]], padding_side: str = "right"):
-        """Pad a batch of (input_ids, labels) to the longest; returns input_ids, attention_mask, labels."""
+    def encode_independent_turns(self, turns: Sequence[tuple[str, str]], template: str | None = None
+                                 ) -> tuple[list[int], list[int], list[int]]:
+        """Pack independent (question, answer) turns about one image into ONE sequence that trains
+        exactly like the separate single-turn samples, at the cost of one.
+
+        Every single-turn encoding starts with the same prefix (system prompt, user header, image
+        tokens); it is stored once, followed by each turn's remainder. Returns (input_ids, labels,
+        segments): segment 0 is the shared prefix, segment k the k-th turn. `packed_attention`
+        turns the segments into position ids (each turn starts where its single-turn sample's
+        question would) and a mask (a turn sees the prefix and itself, never another turn), so
+        each answer is conditioned on exactly what it would be at test time, a lone question.
+        Only for turns that do not refer to each other (synthetic QA); real multi-turn chats need
+        `encode_conversation`."""
+        singles = [self.encode_conversation([(q, a)], template) for q, a in turns]
+        if not singles:
+            raise ValueError("encode_independent_turns: no turns given")
+        ids0 = singles[0][0]
+        if self.image_token_id not in ids0:
+            raise ValueError("encode_independent_turns needs an image in the prompt (no <image> token found); "
+                             "use encode_conversation for text-only samples")
+        split = len(ids0) - ids0[::-1].index(self.image_token_id)  # just past the last image token
+        ids, labels, segments = list(ids0[:split]), list(singles[0][1][:split]), [0] * split
+        for k, (s_ids, s_labels) in enumerate(singles, start=1):
+            if s_ids[:split] != ids0[:split]:
+                raise ValueError(f"turn {k} does not share the prompt prefix of turn 1 (the template puts "
+                                 "question text before the image?); use encode_conversation instead")
+            ids += s_ids[split:]
+            labels += s_labels[split:]
+            segments += [k] * (len(s_ids) - split)
+        return ids, labels, segments
+
+    def collate(self, samples: Sequence[tuple[list[int], ...]], padding_side: str = "right"):
+        """Pad a batch of (input_ids, labels) to the longest; returns input_ids, attention_mask, labels.
+        Samples from `encode_independent_turns` (input_ids, labels, segments) also give
+        `position_ids` and `segments` (-1 on padding) for `packed_attention_mask`."""
         pad = self.llm_tokenizer.pad_token_id or 0
         length = max(len(s[0]) for s in samples)
+        packed = any(len(s) > 2 and s[2] is not None for s in samples)
         ids = torch.full((len(samples), length), pad, dtype=torch.long)
         mask = torch.zeros((len(samples), length), dtype=torch.long)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        for i, (s_ids, s_labels) in enumerate(samples):
+        if packed:
+            segments = torch.full((len(samples), length), -1, dtype=torch.long)
+            positions = torch.zeros((len(samples), length), dtype=torch.long)
+        for i, (s_ids, s_labels, *rest) in enumerate(samples):
             n = len(s_ids)
             sl = slice(length - n, length) if padding_side == "left" else slice(0, n)
             ids[i, sl] = torch.tensor(s_ids)
             mask[i, sl] = 1
             labels[i, sl] = torch.tensor(s_labels)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+            if packed:
+                seg = torch.tensor(rest[0]) if rest and rest[0] is not None else torch.zeros(n, dtype=torch.long)
+                segments[i, sl] = seg
+                positions[i, sl] = segment_positions(seg)
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            out.update(position_ids=positions, segments=segments)
+        return out
 
     def __call__(self, images: Sequence | None = None, questions: Sequence[str] | None = None,
                  answers: Sequence[str | None] | None = None, template: str | None = None,

@@ -8,7 +8,9 @@ The stages are the paper's, in the paper's order, on synthetic scenes:
      released Florence-2-large; here it is trained), copied into the Florence-VL extractor.
   2. pretrain (stage 1): detailed captions with the `plain` template, projector + LLM trainable
      (`tune_vision=True` also trains the vision side, as the paper describes; the released code does not).
-  3. finetune (stage 2): multi-turn QA conversations with the `phi3` chat template, projector + LLM.
+  3. finetune (stage 2): the QA conversations with the `phi3` chat template, projector + LLM; each
+     question trains as a lone question about the image (`independent_turns`, packed so the image is
+     stored once per conversation), which is how the model is asked at test time.
   4. evaluation: VQA exact match per type on the test split, Florence-2 task metrics.
 
 Each stage writes OUT/<stage>/ with checkpoints and a final OUT/<stage>/model/; a rerun skips finished
@@ -45,7 +47,9 @@ class RecipeConfig:
     florence2_tag_weight: float = 1.0  # dense region tags beside the seq2seq tasks (see model.florence2_pretrain)
     florence2_split_tasks: bool = True  # one (image, task) pair per sample
     pretrain: dict[str, Any] = field(default_factory=lambda: dict(epochs=1.0, batch_size=16, lr=1e-3))
-    finetune: dict[str, Any] = field(default_factory=lambda: dict(epochs=5.0, batch_size=16, lr=1e-3))
+    # the synthetic questions about an image are independent: each trains as a lone question (packed)
+    finetune: dict[str, Any] = field(default_factory=lambda: dict(epochs=5.0, batch_size=16, lr=1e-3,
+                                                                  independent_turns=True))
     tune_vision: bool = False  # stage 1 also trains the vision side (no feature cache then)
     eval_split: str = "test"
     florence2_eval_images: int = 100

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.processing import IGNORE_INDEX
+from model.processing import IGNORE_INDEX, packed_attention_mask
 
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "model"
@@ -77,6 +77,10 @@ class TrainConfig:
     # stage 2: seeded shuffle of each conversation's QA turns (see load_vlm_samples). Off by default: real
     # multi-turn data can refer back to earlier turns, and `fvl data synth` already writes shuffled turns.
     shuffle_turns: bool = False
+    # stage 2: pack each conversation's turns as independent single-turn samples sharing the image prefix
+    # (`FlorenceVLProcessor.encode_independent_turns`): every answer sees only its own question, as at
+    # test time, for the cost of one sequence. Only for independent questions (synthetic QA).
+    independent_turns: bool = False
     save_every: int = 0  # checkpoint every N steps (0: only the final one)
     save_total_limit: int | None = 2  # keep the newest N checkpoints
     resume: bool = False
@@ -530,16 +534,21 @@ class VLMSample:
     image: str
     input_ids: list[int]
     labels: list[int]
+    segments: list[int] | None = None  # packed independent turns (see encode_independent_turns)
 
 
 def load_vlm_samples(processor, llava_file: str | Path, template: str, image_folder: str | Path | None = None,
-                     max_length: int | None = None, shuffle_turns_seed: int | None = None) -> list[VLMSample]:
+                     max_length: int | None = None, shuffle_turns_seed: int | None = None,
+                     independent_turns: bool = False) -> list[VLMSample]:
     """Tokenise a LLaVA JSON file with a conversation template (labels cover answers only).
 
     `shuffle_turns_seed` reorders each multi-turn conversation's (question, answer) turns with a
     seeded permutation, for data whose independent questions always come in one order: trained in that
     order, a model learns "the first answer is a number" instead of reading the question, and fails on
-    a lone question at test time. (`fvl data synth` already shuffles its turns per image.)"""
+    a lone question at test time. (`fvl data synth` already shuffles its turns per image.)
+
+    `independent_turns` packs a conversation's turns with `encode_independent_turns` (each answer
+    conditioned on the image and its own question only), for data whose questions are independent."""
     import random as _random
 
     from workbench.data.llava import read_llava
@@ -553,10 +562,15 @@ def load_vlm_samples(processor, llava_file: str | Path, template: str, image_fol
             continue
         if shuffle_turns_seed is not None and len(turns) > 1:
             _random.Random(shuffle_turns_seed * 1_000_003 + k).shuffle(turns)
-        ids, labels = processor.encode_conversation(turns, template=template)
+        segments = None
+        if independent_turns and len(turns) > 1:
+            ids, labels, segments = processor.encode_independent_turns(turns, template=template)
+        else:
+            ids, labels = processor.encode_conversation(turns, template=template)
         if max_length:
             ids, labels = ids[:max_length], labels[:max_length]
-        samples.append(VLMSample(str(s.image_path), ids, labels))
+            segments = segments[:max_length] if segments is not None else None
+        samples.append(VLMSample(str(s.image_path), ids, labels, segments))
     if not samples:
         raise ValueError(f"{llava_file} holds no samples with an image and at least one answered turn")
     return samples
@@ -609,12 +623,17 @@ class VLMTask(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, fused=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, fused=None, segments=None,
+                position_ids=None) -> torch.Tensor:
         if fused is not None:
             feats = self.model.mm_projector(fused.to(self.model.mm_projector.encoder_mlp[0].weight.dtype))
         else:
             feats = self.model.get_image_features(pixel_values)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_features=feats).logits
+        if segments is not None:  # packed independent turns: a 4-D mask instead of the padding mask
+            impl = self.model.language_model.config._attn_implementation or "sdpa"
+            attention_mask = packed_attention_mask(segments, impl, feats.dtype)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, image_features=feats,
+                            position_ids=position_ids).logits
         return token_loss_sum(logits, labels)
 
 
@@ -623,7 +642,7 @@ def vlm_stage_data(samples: Sequence[VLMSample], processor, bank: FeatureBank | 
 
     def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
         chosen = [samples[i] for i in idx]
-        batch = processor.collate([(s.input_ids, s.labels) for s in chosen], padding_side="right")
+        batch = processor.collate([(s.input_ids, s.labels, s.segments) for s in chosen], padding_side="right")
         if bank is not None:
             batch["fused"] = bank.get([s.image for s in chosen])
         else:
@@ -659,7 +678,8 @@ def train_stage(model, processor, dataset: str | Path | Sequence[VLMSample], con
                                 (model.config.template if model.config.template != "plain" else "phi3"))
     if isinstance(dataset, (str, Path)):
         shuffle = cfg.seed if (cfg.shuffle_turns and template != "plain") else None
-        samples = load_vlm_samples(processor, dataset, template, image_folder, cfg.max_length, shuffle)
+        samples = load_vlm_samples(processor, dataset, template, image_folder, cfg.max_length, shuffle,
+                                   independent_turns=cfg.independent_turns and template != "plain")
     else:
         samples = list(dataset)
     if cfg.stage != "pretrain":

@@ -81,6 +81,56 @@ def test_llava_samples_use_template(data_dir, tiny):
     assert answers.count("<|end|>") == len(json.loads((data_dir / "instruct.json").read_text())[0]["conversations"]) // 2
 
 
+def test_independent_turns_train_exactly_like_single_turn_samples(data_dir):
+    """A packed conversation (shared image prefix, per-turn mask and positions) gives the same summed
+    loss and gradients as its turns fed one by one, also batched with padding beside another sample;
+    the plain multi-turn encoding does not (its later answers see earlier turns)."""
+    model, proc = fresh_tiny()
+    model.eval()
+    task = VLMTask(model)
+    turns = [("What color is the star?", "blue"), ("How many shapes are there?", "3"),
+             ("Is there a red circle in the image?", "no")]
+    ids, labels, segments = proc.encode_independent_turns(turns, template="phi3")
+    assert sorted(set(segments)) == [0, 1, 2, 3]
+    assert _trained_text(proc, ids, labels) == "blue<|end|>\n3<|end|>\nno<|end|>\n"
+    assert ids.count(proc.image_token_id) == proc.num_image_tokens  # the image is stored once
+    other = proc.encode_conversation([("What shape is the blue object?", "square")], template="phi3")
+    image = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")[0].image
+    bank = FeatureBank(model, proc, progress=False)
+    bank.add([image])
+    fused = bank.get([image, image])
+
+    def loss_and_grad(batch, fused):
+        model.zero_grad(set_to_none=True)
+        loss = task(**batch, fused=fused)
+        loss.backward()
+        return float(loss.detach()), model.mm_projector.encoder_mlp[0].weight.grad.clone()
+
+    packed, g_packed = loss_and_grad(proc.collate([(ids, labels, segments), (*other, None)]), fused)
+    single_loss, single_grad = 0.0, 0.0
+    for q, a in [*turns, ("What shape is the blue object?", "square")]:
+        one, g = loss_and_grad(proc.collate([proc.encode_conversation([(q, a)], template="phi3")]), fused[:1])
+        single_loss, single_grad = single_loss + one, single_grad + g
+    assert packed == pytest.approx(single_loss, rel=1e-5)
+    assert torch.allclose(g_packed, single_grad, rtol=1e-4, atol=1e-7)
+    multi, _ = loss_and_grad(proc.collate([proc.encode_conversation(turns, template="phi3"), other]), fused)
+    assert abs(multi - single_loss) > 1e-3
+
+
+def test_independent_turns_config_packs_conversations(data_dir, tmp_path):
+    model, proc = fresh_tiny()
+    plain = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")
+    packed = load_vlm_samples(proc, data_dir / "instruct.json", "phi3", independent_turns=True)
+    assert len(packed) == len(plain) and packed[0].segments is not None
+    assert _trained_text(proc, packed[0].input_ids, packed[0].labels) == _trained_text(
+        proc, plain[0].input_ids, plain[0].labels)  # the same answers are trained
+    history = train_stage(model, proc, data_dir / "instruct.json", cfg(independent_turns=True, max_steps=2))
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor([h["loss"] for h in history])))
+    with pytest.raises(ValueError, match="flash-attention"):
+        from model.processing import packed_attention_mask
+        packed_attention_mask(torch.zeros(1, 3, dtype=torch.long), "flash_attention_2")
+
+
 # ---- the loop --------------------------------------------------------------------------------
 def test_steps_lower_the_loss_on_a_fixed_batch(data_dir):
     model, proc = fresh_tiny()

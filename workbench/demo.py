@@ -65,7 +65,7 @@ class DemoSettings:
                    probe_taps=("vision.stage3", "depth", "prompt.caption", "prompt.ocr", "prompt.grounding",
                                "fusion.output"), align_steps=40,
                    n_attribute=2, attribute_steps=4, embed_method="pca", embed_taps=("depth", "fusion.output"),
-                   recipe=(("florence2", epoch), ("pretrain", epoch), ("finetune", epoch),
+                   recipe=(("florence2", epoch), ("pretrain", epoch), ("finetune", {**epoch, "independent_turns": True}),
                            ("florence2_eval_images", 4), ("save_every", 0)))
 
     def recipe_config(self):

@@ -70,6 +70,10 @@ def register(sub) -> None:
             s.add_argument("--tune-vision", action="store_true",
                            help="also train the Florence-2 vision side (the paper's stage 1; slower: no feature cache)")
             s.add_argument("--vision-lr", type=float, default=None, help="learning rate of the vision side (default --lr)")
+        else:
+            s.add_argument("--independent-turns", action="store_true",
+                           help="train each QA turn as its own single-turn sample (packed: image stored once); "
+                                "only for conversations whose questions do not refer to each other")
         s.add_argument("--no-feature-cache", action="store_true",
                        help="recompute image features every step even with a frozen vision side")
         _add_loop_args(s, epochs=epochs, batch_size=16, lr=1e-3)
@@ -183,7 +187,8 @@ def run_stage(args) -> int:
         raise UserError(f"--data {data}: no {llava.name} found; pass a `fvl data synth` directory or a LLaVA .json file")
     tune_vision = bool(getattr(args, "tune_vision", False))
     extra = dict(template=args.template, tune_vision=tune_vision, vision_lr=getattr(args, "vision_lr", None),
-                 cache_features=False if (args.no_feature_cache or tune_vision) else None)
+                 cache_features=False if (args.no_feature_cache or tune_vision) else None,
+                 independent_turns=bool(getattr(args, "independent_turns", False)))
     model, processor = _open(args)
     try:
         history = train_stage(model, processor, llava, _loop_config(args, args.stage, **extra),
