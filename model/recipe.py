@@ -46,7 +46,7 @@ class RecipeConfig:
     florence2: dict[str, Any] = field(default_factory=lambda: dict(epochs=2.5, batch_size=16, lr=1e-3, warmup_ratio=0.03))
     florence2_tag_weight: float = 1.0  # dense region tags beside the seq2seq tasks (see model.florence2_pretrain)
     florence2_split_tasks: bool = True  # one (image, task) pair per sample
-    pretrain: dict[str, Any] = field(default_factory=lambda: dict(epochs=1.0, batch_size=16, lr=1e-3))
+    pretrain: dict[str, Any] = field(default_factory=lambda: dict(epochs=3.0, batch_size=16, lr=1e-3))
     # the synthetic questions about an image are independent: each trains as a lone question (packed)
     finetune: dict[str, Any] = field(default_factory=lambda: dict(epochs=5.0, batch_size=16, lr=1e-3,
                                                                   independent_turns=True))

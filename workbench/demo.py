@@ -53,7 +53,7 @@ class DemoSettings:
     embed_method: str = "umap"
     embed_taps: tuple[str, ...] = ("depth", "prompt.caption", "prompt.ocr", "prompt.grounding", "fusion.output")
     # RecipeConfig overrides for model.recipe.run_recipe. 192 px: the small preset's 384 px makes Florence-2
-    # pretraining alone ~45 min on 2 cores; at 192 px the whole recipe takes ~15 min.
+    # pretraining alone ~45 min on 2 cores; at 192 px the whole recipe takes ~17 min.
     recipe: tuple[tuple[str, Any], ...] = (("image_size", 192),)
 
     @classmethod

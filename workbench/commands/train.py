@@ -82,7 +82,7 @@ def register(sub) -> None:
     r = tsub.add_parser("recipe", help="synthetic data, Florence-2, stage 1, stage 2 and evaluation in one command")
     r.add_argument("--preset", default="small", help="model preset (default small)")
     r.add_argument("--out", required=True, help="output directory; a rerun reuses finished stages")
-    r.add_argument("--n", type=int, default=None, help="number of synthetic images (default 2000)")
+    r.add_argument("--n", type=int, default=None, help="number of synthetic images (default 3000)")
     r.add_argument("--image-size", type=int, default=None, help="image side (default: the preset's)")
     r.add_argument("--seed", type=int, default=42, help="training seed (default 42)")
     r.add_argument("--data-seed", type=int, default=0, help="data generator seed (default 0)")
