@@ -352,9 +352,10 @@ def test_evaluate_vqa_reports_every_type_and_batching_is_exact(data_dir):
 def test_cli_finetune_then_eval(data_dir, tmp_path, capsys):
     out = tmp_path / "s2"
     args = ["train", "finetune", "--preset", "tiny", "--data", str(data_dir), "--out", str(out), "--max-steps", "2",
-            "--batch-size", "4", "--save-every", "1", "--quiet"]
+            "--batch-size", "4", "--save-every", "1", "--quiet", "--independent-turns"]
     assert fvl(args) == 0
     assert (out / "model" / "config.json").is_file() and (out / "metrics.jsonl").is_file()
+    assert json.loads((out / "model" / "trainer_state.json").read_text())["config"]["independent_turns"] is True
     assert fvl(args) == 2  # existing checkpoints without --resume
     assert "--resume" in capsys.readouterr().err
     assert fvl(["eval", "vqa", "--model", str(out / "model"), "--data", str(data_dir), "--json"]) == 0
