@@ -297,9 +297,9 @@ class FlorenceVLProcessor:
 
         Every single-turn encoding starts with the same prefix (system prompt, user header, image
         tokens); it is stored once, followed by each turn's remainder. Returns (input_ids, labels,
-        segments): segment 0 is the shared prefix, segment k the k-th turn. `packed_attention`
-        turns the segments into position ids (each turn starts where its single-turn sample's
-        question would) and a mask (a turn sees the prefix and itself, never another turn), so
+        segments): segment 0 is the shared prefix, segment k the k-th turn. `segment_positions` and
+        `packed_attention_mask` turn the segments into position ids (each turn starts where its
+        single-turn sample's question would) and a mask (a turn sees the prefix and itself), so
         each answer is conditioned on exactly what it would be at test time, a lone question.
         Only for turns that do not refer to each other (synthetic QA); real multi-turn chats need
         `encode_conversation`."""
