@@ -1127,7 +1127,7 @@ def write_outputs(ctx: _Context, rows: list[dict], orderings: list[dict], papers
            "minutes are wall time (encoder training is shared by the variants that use it).", ""]
     md += ["## Paper orderings: reproduced?", "",
            markdown_table(orderings, ["source", "claim", "paper", "metric", "ours", "reproduced", "smallest_gap",
-                                 "noise_se", "within_noise"])]
+                                     "noise_se", "within_noise"])]
     yes = [o for o in orderings if o["reproduced"] == "yes"]
     no = [o for o in orderings if o["reproduced"] == "no"]
     na = [o for o in orderings if o["reproduced"].startswith("n/a")]
@@ -1142,7 +1142,7 @@ def write_outputs(ctx: _Context, rows: list[dict], orderings: list[dict], papers
     if cka:
         md += ["## Linear CKA between the variants' encoder features", "",
                markdown_table([{"variant": a, **{b: cka["matrix"][i][j] for j, b in enumerate(cka["labels"])}}
-                          for i, a in enumerate(cka["labels"])], ["variant", *cka["labels"]])]
+                              for i, a in enumerate(cka["labels"])], ["variant", *cka["labels"]])]
     md += ["## Figures", ""] + [f"![{k}]({Path(p).name})" for k, p in files.items() if p.endswith(".png")]
     (out / "compare.md").write_text("\n".join(md) + "\n")
     files["markdown"] = str(out / "compare.md")

@@ -188,7 +188,7 @@ def write_report(run: str | Path) -> Path:
     if steps:
         md.append("## Pipeline\n")
         md.append(markdown_table([{"step": k, "seconds": (v or {}).get("seconds"), "finished": (v or {}).get("finished")}
-                          for k, v in steps.items()], digits=1))
+                                 for k, v in steps.items()], digits=1))
 
     data = run / "data"
     dm = _json(data / "manifest.json")
@@ -214,7 +214,7 @@ def write_report(run: str | Path) -> Path:
         chance = results.get("chance") or {}
         n = results.get("n_questions") or {}
         md.append(markdown_table([{"type": t, "accuracy": results.get(t), "chance": chance.get(t), "questions": n.get(t)}
-                          for t in (*QA_TYPES, "overall") if results.get(t) is not None]))
+                                 for t in (*QA_TYPES, "overall") if results.get(t) is not None]))
         if results.get("florence2"):
             md.append("Florence-2 tasks: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                         for k, v in results["florence2"].items()) + "\n")
