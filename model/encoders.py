@@ -587,7 +587,7 @@ class TextTower(nn.Module):
         if self.kind == "clip":
             hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             eos = attention_mask.sum(1) - 1  # <eos> is the last real token (causal mask: it sees them all)
-            pooled = hidden[torch.arange(len(hidden)), eos]
+            pooled = hidden[torch.arange(len(hidden), device=hidden.device), eos]
         else:
             m = attention_mask.unsqueeze(-1).float()
             pooled = (self.embed(input_ids) * m).sum(1) / m.sum(1).clamp_min(1.0)

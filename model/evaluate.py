@@ -187,8 +187,9 @@ def florence2_generate(florence2, tokenizer, pixel_values: torch.Tensor, task: s
     """Greedy Florence-2 output for one task over a batch of images (DaViT once per image)."""
     from model.florence2_pretrain import Florence2Task, task_prompt_ids
 
-    prompt = torch.tensor([task_prompt_ids(tokenizer, task)] * pixel_values.shape[0])
-    embeds, mask = Florence2Task(florence2).encoder_inputs(pixel_values, torch.arange(pixel_values.shape[0]), prompt,
+    dev = pixel_values.device
+    prompt = torch.tensor([task_prompt_ids(tokenizer, task)] * pixel_values.shape[0], device=dev)
+    embeds, mask = Florence2Task(florence2).encoder_inputs(pixel_values, torch.arange(pixel_values.shape[0], device=dev), prompt,
                                                            torch.ones_like(prompt))
     encoder_outputs = florence2.model.language_model.encoder(inputs_embeds=embeds, attention_mask=mask)
     out = florence2.generate(encoder_outputs=encoder_outputs, attention_mask=mask, max_new_tokens=max_new_tokens,

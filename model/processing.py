@@ -218,12 +218,12 @@ def packed_attention_mask(segments: torch.Tensor, implementation: str = "sdpa",
         raise ValueError("packed independent turns need a custom attention mask, which flash-attention does not "
                          "take; train with attn_implementation='sdpa' or without independent_turns")
     T = segments.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
     q, k = segments.unsqueeze(2), segments.unsqueeze(1)
     allowed = causal & (k >= 0) & ((k == 0) | (k == q))
     allowed = allowed.unsqueeze(1)
     if implementation == "eager":
-        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
 
 

@@ -73,7 +73,7 @@ def run_recipe(preset: str = "small", out: str | Path = "runs/recipe", config: R
     from model.builder import build_model, load_model
     from model.evaluate import chance_levels, evaluate_florence2, evaluate_vqa
     from model.florence2_pretrain import FLORENCE2_DIR, load_florence2, train_florence2
-    from model.train import FeatureBank, train_stage
+    from model.train import FeatureBank, default_device, train_stage
     from workbench.data.synth import synth_scenes
 
     rc = config or RecipeConfig()
@@ -123,6 +123,7 @@ def run_recipe(preset: str = "small", out: str | Path = "runs/recipe", config: R
     def get_bank():
         nonlocal bank
         if bank is None:
+            model.to(default_device())  # the bank's features come from the model where it will train
             bank = FeatureBank(model, processor, progress=rc.progress)
         return bank
 

@@ -369,6 +369,7 @@ def run_loop(task: nn.Module, data: StageData, cfg: TrainConfig, hooks: LoopHook
                          "every rank needs at least one sample per step")
     if data.n < 1:
         raise ValueError("the training set is empty; check the data directory and split")
+    task.to(device)  # batches go to `device`; so must the weights (in place: the same Parameter objects)
     out = Path(cfg.out_dir) if cfg.out_dir else None
     n_steps = total_steps(data.n, cfg)
     warmup = int(round(cfg.warmup_ratio * n_steps))

@@ -141,6 +141,27 @@ def test_steps_lower_the_loss_on_a_fixed_batch(data_dir):
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_training_moves_the_model_to_the_training_device(data_dir, monkeypatch):
+    """Batches go to the training device (CUDA wherever one is present): the weights must follow, or a
+    GPU machine fails at the first step (what the first run on a lent H200 found)."""
+    import model.train as train_module
+
+    moved = []
+    plain_to = torch.nn.Module.to
+
+    def spy(self, *args, **kwargs):
+        if isinstance(self, VLMTask):
+            moved.append(torch.device(args[0] if args else kwargs["device"]))
+        return plain_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    monkeypatch.setattr(train_module, "default_device", lambda: torch.device("cpu", 0))
+    model, proc = fresh_tiny()
+    samples = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")[:4]
+    train_stage(model, proc, samples, cfg(max_steps=1))
+    assert moved == [torch.device("cpu", 0)]
+
+
 def test_loss_independent_of_micro_batching(data_dir):
     """The step loss is the global-batch token mean, however the batch is split."""
     runs = []
