@@ -231,11 +231,15 @@ def evaluate_florence2(florence2, processor, data_dir: str | Path, split: str = 
         for task, length in lengths.items():
             preds[task] += florence2_generate(florence2, tok, px, task, length)
     ocr = [_normalize(p) == _normalize(by_image[i]["<OCR>"]) for i, p in zip(images, preds["<OCR>"])]
+    # images without text count as hits when the model writes nothing: report the images with text alone too
+    with_text = [hit for i, hit in zip(images, ocr) if _normalize(by_image[i]["<OCR>"])]
     f1 = [token_f1(p, by_image[i][caption_task]) for i, p in zip(images, preds[caption_task])]
     hits = [region_recall(p, by_image[i]["<DENSE_REGION_CAPTION>"]) for i, p in zip(images, preds["<DENSE_REGION_CAPTION>"])]
     result: dict[str, Any] = {
         "split": split, "n_images": len(images), "caption_task": caption_task,
         "ocr_exact_match": round(sum(ocr) / len(ocr), 4),
+        "ocr_exact_match_with_text": round(sum(with_text) / len(with_text), 4) if with_text else None,
+        "ocr_images_with_text": len(with_text),
         "caption_token_f1": round(sum(f1) / len(f1), 4),
         "region_recall_iou50": round(sum(h for h, _ in hits) / max(1, sum(n for _, n in hits)), 4),
     }

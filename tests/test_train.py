@@ -300,6 +300,23 @@ def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("ocr_exact_match", "caption_token_f1", "region_recall_iou50"))
 
 
+def test_ocr_exact_match_is_also_reported_on_images_with_text(data_dir, tiny, monkeypatch):
+    """An image without text is an OCR hit when the model writes nothing: a model that never reads
+    still scores the share of text-free images, so the metric over images with text comes too."""
+    import model.evaluate as ev
+    from workbench.data.dataset import load_florence2_tasks
+
+    _, proc = tiny
+    monkeypatch.setattr(ev, "florence2_generate", lambda f2, tok, px, task, n: [""] * px.shape[0])
+    metrics = ev.evaluate_florence2(torch.nn.Linear(1, 1), proc, data_dir, "test", limit=None)
+    ocr = [r["target"] for r in load_florence2_tasks(data_dir, split="test", tasks=["<OCR>"])]
+    empty = sum(not t.strip() for t in ocr)
+    assert 0 < empty < len(ocr)  # the data has both kinds of image
+    assert metrics["ocr_exact_match"] == pytest.approx(empty / len(ocr), abs=1e-4)
+    assert metrics["ocr_exact_match_with_text"] == 0.0
+    assert metrics["ocr_images_with_text"] == len(ocr) - empty
+
+
 def test_dense_tags_put_label_factors_on_the_box_centre_cell(data_dir, tiny):
     from model.florence2_pretrain import TagVocab, dense_tags, load_florence2_samples, tag_loss, tag_vocabulary
 
