@@ -26,6 +26,7 @@ Two things make this work at CPU scale:
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import FLORENCE2_TASK_PROMPTS
-from model.processing import IGNORE_INDEX
+from model.processing import IGNORE_INDEX, DecodedImageCache
 from model.train import FINAL_DIR, LoopHooks, StageData, TrainConfig, finish_stage, load_weights_into, run_loop
 from model.vision import set_activation_checkpointing
 
@@ -283,6 +284,11 @@ def florence2_stage_data(samples: Sequence[Florence2Sample], processor, tag_voca
     prompts = {t: task_prompt_ids(tok, t) for s in samples for t in s.tasks}
     task_index = {t: k for k, t in enumerate(sorted(prompts))}
     counts = [sum(len(t) for t in s.targets) for s in samples]
+    pixels = DecodedImageCache()  # every image is visited once per task and epoch: decode it once
+
+    @functools.lru_cache(maxsize=None)
+    def tags_of(i: int) -> DenseTargets:  # a sample's dense targets never change: build them once
+        return dense_tags(samples[i].regions, tag_vocab, grid, global_token)
 
     def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
         chosen = [samples[i] for i in idx]
@@ -295,11 +301,11 @@ def florence2_stage_data(samples: Sequence[Florence2Sample], processor, tag_voca
                 target_rows.append(target)
         prompt_ids, prompt_mask = pad_rows(prompt_rows, tok.pad_token_id)
         labels, _ = pad_rows(target_rows, IGNORE_INDEX)
-        batch = {"pixel_values": processor.images([s.image for s in chosen]),
+        batch = {"pixel_values": processor.images([s.image for s in chosen], cache=pixels),
                  "row_image": torch.tensor(row_image, dtype=torch.long), "prompt_ids": prompt_ids,
                  "prompt_mask": prompt_mask, "labels": labels, "row_task": torch.tensor(row_task, dtype=torch.long)}
         if tag_vocab is not None and grid:
-            targets = [dense_tags(s.regions, tag_vocab, grid, global_token) for s in chosen]
+            targets = [tags_of(i) for i in idx]
             batch["tag_cells"] = torch.stack([t.cells for t in targets])
             batch["tag_boxes"] = torch.stack([t.boxes for t in targets])
             batch["tag_global"] = torch.stack([t.multi_hot for t in targets])

@@ -639,7 +639,10 @@ class VLMTask(nn.Module):
 
 
 def vlm_stage_data(samples: Sequence[VLMSample], processor, bank: FeatureBank | None) -> StageData:
+    from model.processing import DecodedImageCache
+
     counts = [count_label_tokens(s.labels) for s in samples]
+    pixels = DecodedImageCache()  # only used without a feature bank (a trainable vision side)
 
     def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
         chosen = [samples[i] for i in idx]
@@ -647,7 +650,7 @@ def vlm_stage_data(samples: Sequence[VLMSample], processor, bank: FeatureBank | 
         if bank is not None:
             batch["fused"] = bank.get([s.image for s in chosen])
         else:
-            batch["pixel_values"] = processor.images([s.image for s in chosen])
+            batch["pixel_values"] = processor.images([s.image for s in chosen], cache=pixels)
         return batch
 
     return StageData(len(samples), make_batch, counts.__getitem__, f"{len(samples)} conversations")

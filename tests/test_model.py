@@ -5,8 +5,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.builder import build_model, load_model, save_model
 from model.config import DEFAULT_PROMPTS
@@ -197,3 +199,25 @@ def test_config_fingerprint_survives_save_and_load(tiny, tmp_path):
     assert loaded.config.fingerprint() == model.config.fingerprint()
     other, _ = build_model("tiny", fusion="average")
     assert other.config.fingerprint() != model.config.fingerprint()
+
+
+def test_decoded_image_cache_gives_identical_pixels_and_respects_its_bound(rgb_images, tmp_path):
+    """Training decodes each image file once; the pixels are bit-identical to decoding every time, and
+    the normalisation is the reference (u / 255 - mean) / std in float32."""
+    from model.processing import IMAGENET_MEAN, IMAGENET_STD, DecodedImageCache, preprocess_images
+
+    paths = []
+    for i, img in enumerate(rgb_images):
+        paths.append(tmp_path / f"{i}.png")
+        img.save(paths[-1])
+    u8 = np.stack([np.asarray(Image.open(p).convert("RGB").resize((48, 48), Image.BICUBIC)) for p in paths])
+    reference = (torch.from_numpy(u8.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+                 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    cache = DecodedImageCache()
+    first = preprocess_images(paths, 48, cache=cache)
+    again = preprocess_images(paths + [rgb_images[0]], 48, cache=cache)  # a PIL image is never cached
+    assert torch.equal(first, reference) and torch.equal(again[:2], reference)
+    assert first.is_contiguous() and first.dtype == torch.float32
+    assert len(cache) == 2 and cache.nbytes == 2 * 48 * 48 * 3
+    small = DecodedImageCache(max_bytes=48 * 48 * 3)  # room for one image: the second is decoded each time
+    assert torch.equal(preprocess_images(paths, 48, cache=small), reference) and len(small) == 1
