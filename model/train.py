@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.processing import IGNORE_INDEX, packed_attention_mask
+from model.processing import IGNORE_INDEX, DecodedImageCache, packed_attention_mask
 
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "model"
@@ -639,8 +639,6 @@ class VLMTask(nn.Module):
 
 
 def vlm_stage_data(samples: Sequence[VLMSample], processor, bank: FeatureBank | None) -> StageData:
-    from model.processing import DecodedImageCache
-
     counts = [count_label_tokens(s.labels) for s in samples]
     pixels = DecodedImageCache()  # only used without a feature bank (a trainable vision side)
 
