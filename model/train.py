@@ -640,7 +640,7 @@ class VLMTask(nn.Module):
 
 def vlm_stage_data(samples: Sequence[VLMSample], processor, bank: FeatureBank | None) -> StageData:
     counts = [count_label_tokens(s.labels) for s in samples]
-    pixels = DecodedImageCache()  # only used without a feature bank (a trainable vision side)
+    pixels = DecodedImageCache() if bank is None else None  # pixels only when the vision side trains
 
     def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
         chosen = [samples[i] for i in idx]
