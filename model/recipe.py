@@ -41,6 +41,7 @@ class RecipeConfig:
     n_images: int = 3000
     image_size: int | None = 192  # None: the preset's image size
     data_seed: int = 0
+    text_size: tuple[float, float] | None = None  # word font size / image side; None: the generator's default
     seed: int = 42
     florence2_tasks: tuple[str, ...] = ("<DETAILED_CAPTION>", "<OCR>", "<DENSE_REGION_CAPTION>")
     florence2: dict[str, Any] = field(default_factory=lambda: dict(epochs=2.5, batch_size=16, lr=1e-3, warmup_ratio=0.03))
@@ -103,7 +104,7 @@ def run_recipe(preset: str = "small", out: str | Path = "runs/recipe", config: R
         image_size = int(PRESETS[preset]["image_size"])
     data_dir = out / "data"
     timed("data", lambda: synth_scenes(data_dir, rc.n_images, seed=rc.data_seed, image_size=image_size,
-                                       progress=rc.progress, log=None))
+                                       progress=rc.progress, log=None, text_size=rc.text_size))
 
     # 1. Florence-2 pretraining
     f2_out = out / "florence2"

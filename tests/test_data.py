@@ -71,6 +71,23 @@ def test_fixed_counts_and_bad_arguments():
         generate_scene(-1, SIZE)
 
 
+def test_text_size_sets_the_font_size_and_keeps_the_layout_valid():
+    big = [generate_scene(s, 192, text_size=(0.13, 0.19)) for s in range(24)]
+    fonts = [w.font_size for s in big for w in s.words]
+    default = [w.font_size for s in range(24) for w in generate_scene(s, 192).words]
+    assert fonts and default
+    # a crowded scene may shrink a word by 2 px per failed placement round, never grow it
+    assert max(fonts) <= round(0.19 * 192) and np.median(fonts) >= 0.13 * 192
+    assert max(default) <= round(0.11 * 192) < np.median(fonts)
+    for s in big:
+        boxes = [o.bbox for o in s.objects] + [w.bbox for w in s.words]
+        assert all(0 <= b[0] < b[2] <= 192 and 0 <= b[1] < b[3] <= 192 for b in boxes)
+        assert all(_gap(boxes[i], boxes[j]) >= 2 for i in range(len(boxes)) for j in range(i + 1, len(boxes)))
+    for bad in ((0.2, 0.1), (0.01, 0.05), (0.1, 0.5), "big"):
+        with pytest.raises(ValueError, match="text_size"):
+            generate_scene(1, 192, text_size=bad)
+
+
 def _gap(a, b) -> int:
     """Pixels between two boxes along the axis where they are apart (<= 0: overlap or touch)."""
     return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
@@ -275,6 +292,29 @@ def test_synth_rerun_noop_conflict_and_resume(tmp_path, capsys):
     assert _synth(d) == 0
     assert "resumed" in capsys.readouterr().out
     assert _snapshot(d) == before
+
+
+def test_synth_text_size_is_recorded_and_checked(tmp_path, capsys):
+    d = tmp_path / "d"
+    assert _synth(d, "--text-size", "0.12,0.16") == 0
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["text_size"] == [0.12, 0.16]
+    rows = [json.loads(line) for line in (d / "scenes.jsonl").read_text().splitlines()]
+    fonts = [w["font_size"] for r in rows for w in r["words"]]
+    assert fonts and max(fonts) <= round(0.16 * 64)
+    capsys.readouterr()
+    assert _synth(d) == 2  # the default size is a different dataset
+    assert "text_size" in capsys.readouterr().err
+    assert _synth(tmp_path / "bad", "--text-size", "0.3,0.1") == 2
+    assert "--text-size" in capsys.readouterr().err
+    # a dataset written before the option existed was made with the default size: still complete
+    old = tmp_path / "old"
+    assert _synth(old) == 0
+    m = json.loads((old / "manifest.json").read_text())
+    del m["text_size"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert _synth(old) == 0 and "nothing to do" in capsys.readouterr().out
 
 
 def test_synth_resumes_after_interruption(tmp_path, monkeypatch, capsys):

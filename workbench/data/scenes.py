@@ -43,6 +43,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 TEXT_COLORS: tuple[str, ...] = ("red", "green", "blue", "purple", "black")  # yellow/cyan text is hard to read
 SIZES: tuple[str, ...] = ("small", "large")
+# Font size of a rendered word as a fraction of the image side (min, max).
+TEXT_SIZE_RANGE: tuple[float, float] = (0.07, 0.11)
 # Half-extent of an object as a fraction of the image side, per size class (min, max).
 SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.055, 0.07), "large": (0.1, 0.125)}
 # Short concrete English words; none is a colour, shape, size or answer word.
@@ -222,6 +224,18 @@ def _join(items: list[str]) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def check_text_size(text_size) -> tuple[float, float]:
+    """(min, max) font size as a fraction of the image side; ValueError naming the fix otherwise."""
+    try:
+        lo, hi = (float(v) for v in text_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"text_size {text_size!r}: give two fractions of the image side, e.g. (0.07, 0.11)") from None
+    if not 0.02 <= lo <= hi <= 0.25:
+        raise ValueError(f"text_size {text_size!r}: need 0.02 <= min <= max <= 0.25 (fractions of the image side; "
+                         f"default {TEXT_SIZE_RANGE})")
+    return lo, hi
+
+
 def _reading_order(words: list[SceneWord]) -> list[SceneWord]:
     """Top-to-bottom lines, left-to-right within a line (a line = vertical overlap > half height)."""
     rest = sorted(words, key=lambda w: (w.bbox[1], w.bbox[0]))
@@ -263,7 +277,7 @@ def _place_objects(rng: np.random.Generator, size: int, n: int, margin: int) -> 
 
 
 def _place_words(rng: np.random.Generator, size: int, n: int, margin: int,
-                 objects: list[SceneObject]) -> list[SceneWord]:
+                 objects: list[SceneObject], text_size: tuple[float, float] = TEXT_SIZE_RANGE) -> list[SceneWord]:
     words: list[SceneWord] = []
     blocked = [(o.center[0] - o.radius, o.center[1] - o.radius, o.center[0] + o.radius, o.center[1] + o.radius)
                for o in objects]
@@ -276,7 +290,7 @@ def _place_words(rng: np.random.Generator, size: int, n: int, margin: int,
         color = TEXT_COLORS[int(rng.integers(len(TEXT_COLORS)))]
         while color in used_color:  # distinct colours let "the word in blue" name one word
             color = TEXT_COLORS[int(rng.integers(len(TEXT_COLORS)))]
-        font_size = max(10, round(size * float(rng.uniform(0.07, 0.11))))
+        font_size = max(10, round(size * float(rng.uniform(*text_size))))
         for _try in range(60):
             l, t, r, b = _font(font_size).getbbox(text)
             x_lo, x_hi = margin - l, size - margin - r
@@ -441,11 +455,14 @@ def _render(size: int, background: str, bg_color: tuple[int, int, int], objects:
 
 
 def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = None,
-                   n_words: int | None = None, render: bool = True) -> Scene:
+                   n_words: int | None = None, render: bool = True,
+                   text_size: tuple[float, float] = TEXT_SIZE_RANGE) -> Scene:
     """A deterministic scene: 1-4 shapes and 0-2 words on a light background, with its truth.
 
     `n_objects` / `n_words` fix the counts (otherwise uniform in 1..4 and 0..2); objects or
     words that cannot be placed without touching are dropped and the truth says so.
+    `text_size` is the (min, max) font size as a fraction of the image side: at low resolution
+    larger words keep the letters as many pixels tall as they would be in a larger image.
     """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size {image_size} is too small for legible words; use at least {MIN_IMAGE_SIZE}")
@@ -455,6 +472,7 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
         raise ValueError(f"n_words must be in 0..{MAX_WORDS}, got {n_words}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_text_size(text_size)
     rng = np.random.default_rng(seed)
     size = int(image_size)
     margin = max(3, round(0.03 * size))
@@ -463,7 +481,7 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
     n_obj = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
     n_wrd = int(rng.integers(0, MAX_WORDS + 1)) if n_words is None else n_words
     objects = _place_objects(rng, size, n_obj, margin)
-    words = _place_words(rng, size, n_wrd, margin, objects)
+    words = _place_words(rng, size, n_wrd, margin, objects, tuple(text_size))
     caption, detailed = _captions(objects, words, background, size)
     qa = _questions(rng, objects, words, size)
     labels = _labels(objects, words, background, size)

@@ -89,9 +89,13 @@ def scene_id(index: int, n: int) -> str:
     return f"scene_{index:0{max(6, len(str(n - 1)))}d}"
 
 
-def _params(kind: str, n: int, seed: int, image_size: int, splits: Sequence[float]) -> dict[str, Any]:
+_PARAM_DEFAULTS: dict[str, Any] = {"text_size": [float(v) for v in scenes_mod.TEXT_SIZE_RANGE]}
+
+
+def _params(kind: str, n: int, seed: int, image_size: int, splits: Sequence[float],
+            text_size: Sequence[float] = scenes_mod.TEXT_SIZE_RANGE) -> dict[str, Any]:
     return {"kind": kind, "n": n, "seed": seed, "image_size": image_size, "splits": list(splits),
-            "generator": scenes_mod.GENERATOR_VERSION}
+            "text_size": [float(v) for v in text_size], "generator": scenes_mod.GENERATOR_VERSION}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -106,12 +110,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _make_one(job: tuple[int, int, int, str, str]) -> dict[str, Any]:
+def _make_one(job: tuple[int, int, int, str, str, tuple[float, float]]) -> dict[str, Any]:
     """Truth row for one image; draws and saves it unless the PNG is already there."""
-    index, seed, image_size, image_path, split = job
+    index, seed, image_size, image_path, split, text_size = job
     path = Path(image_path)
     exists = path.is_file() and path.stat().st_size > 0
-    scene = scenes_mod.generate_scene(seed, image_size, render=not exists)
+    scene = scenes_mod.generate_scene(seed, image_size, render=not exists, text_size=text_size)
     if scene.image is not None:
         buf = io.BytesIO()
         scene.image.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -131,7 +135,8 @@ def _check_out_dir(out: Path, params: dict[str, Any]) -> str:
                 old = json.loads(marker.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise SynthError(f"{marker} is unreadable ({exc}); remove {out} or choose another --out") from None
-            old_params = {k: old.get(k) for k in params}
+            # datasets written before a parameter existed were made with its default
+            old_params = {k: old.get(k, _PARAM_DEFAULTS.get(k)) for k in params}
             if old_params != params:
                 diff = ", ".join(f"{k}={old_params[k]!r} (now {params[k]!r})" for k in params if old_params[k] != params[k])
                 raise SynthError(f"{out} already holds a dataset made with different arguments: {diff}. "
@@ -234,8 +239,12 @@ def _qa_stats(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
 
 def synth_scenes(out: str | Path, n: int, seed: int = 0, image_size: int = 384,
                  splits: Sequence[float] | str = (0.8, 0.1, 0.1), workers: int | None = None,
-                 progress: bool = True, log: Callable[[str], None] | None = print) -> SynthResult:
+                 progress: bool = True, log: Callable[[str], None] | None = print,
+                 text_size: Sequence[float] | None = None) -> SynthResult:
     """Generate `n` scenes into `out` (see the module docstring for the layout).
+
+    `text_size`: (min, max) font size as a fraction of the image side (default
+    `scenes.TEXT_SIZE_RANGE`).
 
     `workers` processes draw and encode the PNGs (None: up to 8, one per CPU). On 2 cores two
     workers double the rate, because PNG encoding, not drawing, is the bottleneck. The
@@ -249,9 +258,13 @@ def synth_scenes(out: str | Path, n: int, seed: int = 0, image_size: int = 384,
         raise SynthError(f"--seed must be a non-negative integer, got {seed}")
     if image_size < scenes_mod.MIN_IMAGE_SIZE:
         raise SynthError(f"--image-size {image_size} is too small for legible words; use at least {scenes_mod.MIN_IMAGE_SIZE}")
+    try:
+        text_size = scenes_mod.check_text_size(scenes_mod.TEXT_SIZE_RANGE if text_size is None else text_size)
+    except ValueError as exc:
+        raise SynthError(f"--text-size: {exc}") from None
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    params = _params("scenes", n, seed, image_size, fractions)
+    params = _params("scenes", n, seed, image_size, fractions, text_size)
     state = _check_out_dir(out, params)
     if state == "complete":
         manifest = json.loads((out / "manifest.json").read_text())
@@ -265,7 +278,7 @@ def synth_scenes(out: str | Path, n: int, seed: int = 0, image_size: int = 384,
     (out / PROGRESS_FILE).write_text(json.dumps(params, indent=2) + "\n")
 
     split_of = assign_splits(n, fractions, seed)
-    jobs = [(i, scene_seed(seed, i), image_size, str(out / "images" / f"{scene_id(i, n)}.png"), split_of[i])
+    jobs = [(i, scene_seed(seed, i), image_size, str(out / "images" / f"{scene_id(i, n)}.png"), split_of[i], text_size)
             for i in range(n)]
     writers = _Writers(out)
     qa_counts: dict[str, dict[str, int]] = {}
