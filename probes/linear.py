@@ -439,7 +439,7 @@ def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n
         sizes = [pb.P for pb in parts]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
 
-        def fun(xs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def fun(xs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             f = torch.empty(idx.numel(), dtype=xs.dtype)
             g = torch.zeros_like(xs)
             gmax = torch.empty(idx.numel(), dtype=xs.dtype)
