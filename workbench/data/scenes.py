@@ -472,7 +472,7 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
         raise ValueError(f"n_words must be in 0..{MAX_WORDS}, got {n_words}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    check_text_size(text_size)
+    text_size = check_text_size(text_size)
     rng = np.random.default_rng(seed)
     size = int(image_size)
     margin = max(3, round(0.03 * size))
@@ -481,7 +481,7 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
     n_obj = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
     n_wrd = int(rng.integers(0, MAX_WORDS + 1)) if n_words is None else n_words
     objects = _place_objects(rng, size, n_obj, margin)
-    words = _place_words(rng, size, n_wrd, margin, objects, tuple(text_size))
+    words = _place_words(rng, size, n_wrd, margin, objects, text_size)
     caption, detailed = _captions(objects, words, background, size)
     qa = _questions(rng, objects, words, size)
     labels = _labels(objects, words, background, size)
