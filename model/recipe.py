@@ -44,8 +44,8 @@ class RecipeConfig:
     text_size: tuple[float, float] | None = None  # word font size / image side; None: the generator's default
     seed: int = 42
     florence2_tasks: tuple[str, ...] = ("<DETAILED_CAPTION>", "<OCR>", "<DENSE_REGION_CAPTION>")
-    # batch 8: the tower is short of optimizer steps, not of images (measured: batch 16 -> 8 at the same epochs
-    # and minutes took VQA shape from 0.43 to 0.92 and existence from 0.78 to 0.90)
+    # batch 8: the tower is short of optimizer steps, not of images (measured: batch 16 -> 8 at the same epochs,
+    # 1.4 more minutes, took VQA shape from 0.43 to 0.92 and existence from 0.78 to 0.90)
     florence2: dict[str, Any] = field(default_factory=lambda: dict(epochs=2.5, batch_size=8, lr=1e-3, warmup_ratio=0.03))
     florence2_tag_weight: float = 1.0  # dense region tags beside the seq2seq tasks (see model.florence2_pretrain)
     florence2_split_tasks: bool = True  # one (image, task) pair per sample

@@ -93,7 +93,7 @@ _PARAM_DEFAULTS: dict[str, Any] = {"text_size": [float(v) for v in scenes_mod.TE
 
 
 def _params(kind: str, n: int, seed: int, image_size: int, splits: Sequence[float],
-            text_size: Sequence[float] = scenes_mod.TEXT_SIZE_RANGE) -> dict[str, Any]:
+            text_size: Sequence[float]) -> dict[str, Any]:
     return {"kind": kind, "n": n, "seed": seed, "image_size": image_size, "splits": list(splits),
             "text_size": [float(v) for v in text_size], "generator": scenes_mod.GENERATOR_VERSION}
 
