@@ -117,6 +117,41 @@ def test_independent_turns_train_exactly_like_single_turn_samples(data_dir):
     assert abs(multi - single_loss) > 1e-3
 
 
+def test_task_loss_equals_the_loss_over_full_logits(data_dir):
+    """VLMTask runs the LM head only at label positions; the summed loss and the gradients must be
+    those of the model's own full logits, for plain and packed batches."""
+    from model.train import token_loss_sum
+
+    model, proc = fresh_tiny()
+    model.eval()
+    samples = load_vlm_samples(proc, data_dir / "instruct.json", "phi3", independent_turns=True)[:3]
+    plain = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")[:2]
+    bank = FeatureBank(model, proc, progress=False)
+    bank.add([s.image for s in samples + plain])
+    for chosen in (samples, plain):
+        batch = proc.collate([(s.input_ids, s.labels, s.segments) for s in chosen], padding_side="right")
+        batch["fused"] = bank.get([s.image for s in chosen])
+        model.zero_grad(set_to_none=True)
+        ours = VLMTask(model)(**batch)
+        ours.backward()
+        g_ours = [p.grad.clone() for p in (model.mm_projector.encoder_mlp[0].weight, model.language_model.lm_head.weight)]
+        model.zero_grad(set_to_none=True)
+        feats = model.mm_projector(batch["fused"])
+        mask = batch["attention_mask"]
+        if batch.get("segments") is not None:
+            from model.processing import packed_attention_mask
+            mask = packed_attention_mask(batch["segments"], model.language_model.config._attn_implementation or "sdpa",
+                                         feats.dtype)
+        full = model(input_ids=batch["input_ids"], attention_mask=mask, image_features=feats,
+                     position_ids=batch.get("position_ids")).logits
+        reference = token_loss_sum(full, batch["labels"])
+        reference.backward()
+        assert float(ours) == pytest.approx(float(reference), rel=1e-5)
+        for g, p in zip(g_ours, (model.mm_projector.encoder_mlp[0].weight, model.language_model.lm_head.weight)):
+            assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+        assert float(ours) > 0
+
+
 def test_independent_turns_config_packs_conversations(data_dir, tmp_path):
     model, proc = fresh_tiny()
     plain = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")
