@@ -152,6 +152,15 @@ def test_task_loss_equals_the_loss_over_full_logits(data_dir):
         assert float(ours) > 0
 
 
+def test_fvl_bench_train_step_compares_both_losses(capsys):
+    assert fvl(["bench", "train-step", "--json", "--preset", "tiny", "--batch", "3", "--repeats", "1",
+                "--threads", "1"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert 0 < r["label_tokens"] < r["tokens"] and r["ours_s"] > 0 and r["full_logits_s"] > 0
+    assert r["speedup"] == pytest.approx(r["full_logits_s"] / r["ours_s"], rel=1e-2)
+    assert r["loss_rel_diff"] < 1e-5
+
+
 def test_independent_turns_config_packs_conversations(data_dir, tmp_path):
     model, proc = fresh_tiny()
     plain = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")

@@ -1,0 +1,71 @@
+"""One stage-2 training step (forward + backward) of the LLM side: our loss, which runs the LM head only
+at label positions, against the loss over the model's full logits (the LM head at every position).
+
+The batch is what stage 2 of the recipe trains on: synthetic scenes' questions packed as independent
+turns (`encode_independent_turns`, phi3 template), image features from the feature bank's place (the
+fused streams of the model's own vision side, computed once, outside both timings). Both sides run on
+the same model and batch, interleaved so both see the same machine load; the minimum of each is
+reported, with the loss difference (the two must agree)."""
+from __future__ import annotations
+
+import time
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=16, help="conversations per step (the recipe's 16)")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repeats; the minimum of each is reported")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+
+
+def run(args) -> dict:
+    import torch
+
+    from model.builder import build_model
+    from model.processing import packed_attention_mask
+    from model.train import VLMTask, token_loss_sum
+    from workbench.data.scenes import generate_scene
+
+    torch.set_num_threads(args.threads)
+    model, processor = build_model(args.preset, image_size=192, seed=0)
+    processor.template = model.config.template = "phi3"
+    model.set_trainable(vision=False, projector=True, llm=True)
+    model.train()
+    scenes = [generate_scene(seed, 192) for seed in range(args.batch)]
+    samples = [processor.encode_independent_turns([(q.question, q.answer) for q in s.qa], template="phi3")
+               for s in scenes]
+    batch = processor.collate(samples, padding_side="right")
+    with torch.no_grad():
+        pixels = processor.images([s.image for s in scenes])
+        batch["fused"] = model.fusion(model.image_streams(pixels)).float()
+    task = VLMTask(model)
+
+    def ours():
+        return task(**batch)
+
+    def full_logits():
+        feats = model.mm_projector(batch["fused"])
+        mask = packed_attention_mask(batch["segments"], model.language_model.config._attn_implementation or "sdpa",
+                                     feats.dtype)
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask, image_features=feats,
+                       position_ids=batch["position_ids"]).logits
+        return token_loss_sum(logits, batch["labels"])
+
+    times: dict[str, list[float]] = {"ours": [], "full": []}
+    losses: dict[str, float] = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for name, fn in (("ours", ours), ("full", full_logits)):
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            loss = fn()
+            loss.backward()
+            elapsed = time.perf_counter() - start
+            losses[name] = float(loss.detach())
+            if repeat:
+                times[name].append(elapsed)
+    ours_s, full_s = min(times["ours"]), min(times["full"])
+    labels = batch["labels"][:, 1:]
+    return {"preset": args.preset, "batch": args.batch, "tokens": int(batch["input_ids"].numel()),
+            "label_tokens": int((labels != -100).sum()), "threads": args.threads,
+            "ours_s": round(ours_s, 4), "full_logits_s": round(full_s, 4), "speedup": round(full_s / ours_s, 3),
+            "loss_rel_diff": abs(losses["ours"] - losses["full"]) / max(abs(losses["full"]), 1e-12)}
