@@ -22,7 +22,7 @@ def run(args) -> dict:
     import torch
 
     from model.builder import build_model
-    from model.processing import packed_attention_mask
+    from model.processing import IGNORE_INDEX, packed_attention_mask
     from model.train import VLMTask, token_loss_sum
     from workbench.data.scenes import generate_scene
 
@@ -66,6 +66,6 @@ def run(args) -> dict:
     ours_s, full_s = min(times["ours"]), min(times["full"])
     labels = batch["labels"][:, 1:]
     return {"preset": args.preset, "batch": args.batch, "tokens": int(batch["input_ids"].numel()),
-            "label_tokens": int((labels != -100).sum()), "threads": args.threads,
+            "label_tokens": int((labels != IGNORE_INDEX).sum()), "threads": args.threads,
             "ours_s": round(ours_s, 4), "full_logits_s": round(full_s, 4), "speedup": round(full_s / ours_s, 3),
             "loss_rel_diff": abs(losses["ours"] - losses["full"]) / max(abs(losses["full"]), 1e-12)}
