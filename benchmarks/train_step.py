@@ -18,12 +18,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
 
 
+def full_logits_loss(model, batch):
+    """The reference: the model's own forward (LM head at every position), then the summed token loss."""
+    from model.processing import packed_attention_mask
+    from model.train import token_loss_sum
+
+    feats = model.mm_projector(batch["fused"])
+    mask = batch["attention_mask"]
+    if batch.get("segments") is not None:
+        impl = model.language_model.config._attn_implementation or "sdpa"
+        mask = packed_attention_mask(batch["segments"], impl, feats.dtype)
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask, image_features=feats,
+                   position_ids=batch.get("position_ids")).logits
+    return token_loss_sum(logits, batch["labels"])
+
+
 def run(args) -> dict:
     import torch
 
     from model.builder import build_model
-    from model.processing import IGNORE_INDEX, packed_attention_mask
-    from model.train import VLMTask, token_loss_sum
+    from model.processing import IGNORE_INDEX
+    from model.train import VLMTask
     from workbench.data.scenes import generate_scene
 
     torch.set_num_threads(args.threads)
@@ -44,12 +59,7 @@ def run(args) -> dict:
         return task(**batch)
 
     def full_logits():
-        feats = model.mm_projector(batch["fused"])
-        mask = packed_attention_mask(batch["segments"], model.language_model.config._attn_implementation or "sdpa",
-                                     feats.dtype)
-        logits = model(input_ids=batch["input_ids"], attention_mask=mask, image_features=feats,
-                       position_ids=batch["position_ids"]).logits
-        return token_loss_sum(logits, batch["labels"])
+        return full_logits_loss(model, batch)
 
     times: dict[str, list[float]] = {"ours": [], "full": []}
     losses: dict[str, float] = {}

@@ -120,7 +120,7 @@ def test_independent_turns_train_exactly_like_single_turn_samples(data_dir):
 def test_task_loss_equals_the_loss_over_full_logits(data_dir):
     """VLMTask runs the LM head only at label positions; the summed loss and the gradients must be
     those of the model's own full logits, for plain and packed batches."""
-    from model.train import token_loss_sum
+    from benchmarks.train_step import full_logits_loss
 
     model, proc = fresh_tiny()
     model.eval()
@@ -136,15 +136,7 @@ def test_task_loss_equals_the_loss_over_full_logits(data_dir):
         ours.backward()
         g_ours = [p.grad.clone() for p in (model.mm_projector.encoder_mlp[0].weight, model.language_model.lm_head.weight)]
         model.zero_grad(set_to_none=True)
-        feats = model.mm_projector(batch["fused"])
-        mask = batch["attention_mask"]
-        if batch.get("segments") is not None:
-            from model.processing import packed_attention_mask
-            mask = packed_attention_mask(batch["segments"], model.language_model.config._attn_implementation or "sdpa",
-                                         feats.dtype)
-        full = model(input_ids=batch["input_ids"], attention_mask=mask, image_features=feats,
-                     position_ids=batch.get("position_ids")).logits
-        reference = token_loss_sum(full, batch["labels"])
+        reference = full_logits_loss(model, batch)
         reference.backward()
         assert float(ours) == pytest.approx(float(reference), rel=1e-5)
         for g, p in zip(g_ours, (model.mm_projector.encoder_mlp[0].weight, model.language_model.lm_head.weight)):
