@@ -18,16 +18,15 @@ interpretability-anchors.md section 4):
 * Classification reports accuracy (and a pooled confusion matrix at the chosen C);
   regression reports R^2 (closed-form ridge, ``alpha = 1 / C``).
 
-Speed: all splits x targets (labels and their controls) of one tap are solved as ONE batched
-problem per C, walking the C grid upwards with warm starts (``path="warm"``; ``"joint"`` solves
-every C at once). Multinomial logistic regression, objective per problem
-``mean_i CE_i + ||W||^2 / (2 C n_train)`` (the same optimum as scikit-learn's
-``C * sum_i CE_i + ||W||^2 / 2``), is minimised by a batched L-BFGS in torch in which every
-problem keeps its own curvature history, step size and stopping test, and converged problems
-drop out of the batch. Without PCA the per-split standardisation is folded into the weights,
-so one centred copy of X serves every split and the data term is a single wide matrix product
-per iteration. Binary targets use one logit (like scikit-learn); targets with different class
-counts share the optimiser but not padded logits. On features whose covariance is far from
+Speed (the solver is ``probes.solver``): all splits x targets (labels and their controls) of
+one tap that share a class count are solved as ONE batched problem per C, walking the C grid
+upwards with warm starts (``path="warm"``; ``"joint"`` solves every C at once). Multinomial
+logistic regression, objective per problem ``mean_i CE_i + ||W||^2 / (2 C n_train)`` (the same
+optimum as scikit-learn's ``C * sum_i CE_i + ||W||^2 / 2``), is minimised by a batched L-BFGS in
+torch in which every problem keeps its own curvature memory, step size and stopping test, and
+converged problems drop out of the batch. Without PCA the per-split standardisation is folded
+into the weights, so one centred copy of X serves every split and the data term is a single
+matrix product per evaluation. Binary targets use one logit (like scikit-learn). On features whose covariance is far from
 isotropic (real features: a few directions dominate) the solver is preconditioned with that
 covariance (``precondition="auto"``), which changes the path to the optimum, not the optimum.
 """
@@ -36,10 +35,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from probes.solver import batched_lbfgs, fit_logistic, fit_ridge, make_design  # noqa: F401 (batched_lbfgs re-exported)
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 8))
 MISSING_STRINGS = {"", "none", "nan", "null"}
@@ -153,470 +154,6 @@ def pool_tokens(x: np.ndarray, how: str = "mean") -> np.ndarray:
         return x.mean((2, 3))
     raise ValueError(f"features of shape {x.shape} cannot be pooled with {how!r}; "
                      "pass (n, d) features, or pool='mean' / 'global' for (n, N, D) token maps")
-
-
-# --------------------------------------------------------------------------- batched L-BFGS
-def batched_lbfgs(fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                  theta: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-4, memory: int = 10,
-                  max_ls: int = 25) -> tuple[torch.Tensor, dict]:
-    """Minimise P independent smooth problems stacked along dim 0 of ``theta`` (P, ...).
-
-    ``fun(theta_sub, idx) -> (f, g)`` evaluates only the problems ``idx`` (a LongTensor; ``theta_sub``
-    is ``theta[idx]``) and returns their values (len(idx),) and gradients shaped like theta_sub.
-    Every problem has its own L-BFGS history, Armijo backtracking step and stopping test
-    (max |g| <= tol, or no measurable decrease at this precision); converged problems drop out
-    of the batch, so each iteration only pays for the problems still moving. ``fun`` may return a
-    third value, the per-problem max |gradient| the stopping test should use instead of max |g|
-    (a preconditioned problem reports the gradient of the original parameters).
-    """
-    P = theta.shape[0]
-    shape = theta.shape
-    x = theta.reshape(P, -1).clone()
-    ftol = 10 * torch.finfo(x.dtype).eps
-    everyone = torch.arange(P)
-
-    def evaluate(th: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = fun(th, idx)
-        gr = out[1].reshape(len(idx), -1)
-        return out[0], gr, (out[2] if len(out) > 2 else gr.abs().amax(1))
-
-    f, g, gnorm = evaluate(theta, everyone)
-    g = g.clone()
-    m = x.shape[1]
-    S_h = torch.zeros(memory, P, m, dtype=x.dtype)
-    Y_h = torch.zeros(memory, P, m, dtype=x.dtype)
-    R_h = torch.zeros(memory, P, dtype=x.dtype)   # rho = 1 / s.y; 0 marks an empty or skipped slot
-    gamma = torch.ones(P, dtype=x.dtype)
-    first = torch.ones(P, dtype=torch.bool)
-    active = gnorm > tol
-    n_iter = evals = 0
-    for n_iter in range(1, max_iter + 1):
-        A = torch.nonzero(active).squeeze(1)
-        if A.numel() == 0:
-            n_iter -= 1
-            break
-        gA, xA, fA = g[A], x[A], f[A]
-        used = min(n_iter - 1, memory)
-        slots = [(n_iter - 2 - j) % memory for j in range(used)]  # newest first
-        everyone_active = A.numel() == P   # then plain views, no gathers
-
-        def hist(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            if everyone_active:
-                return S_h[j], Y_h[j], R_h[j]
-            return S_h[j, A], Y_h[j, A], R_h[j, A]
-
-        q = gA.clone()
-        alphas = []
-        pairs = [hist(j) for j in slots]
-        for s_j, y_j, r_j in pairs:
-            a = r_j * (s_j * q).sum(1)
-            q -= a.unsqueeze(1) * y_j
-            alphas.append(a)
-        q *= gamma[A].unsqueeze(1)
-        for (s_j, y_j, r_j), a in zip(reversed(pairs), reversed(alphas)):
-            b = r_j * (y_j * q).sum(1)
-            q += (a - b).unsqueeze(1) * s_j
-        d = -q
-        gd = (gA * d).sum(1)
-        bad = gd >= 0  # not a descent direction (numerical trouble): steepest descent instead
-        if bool(bad.any()):
-            d[bad] = -gA[bad]
-            gd = (gA * d).sum(1)
-        # a problem's first step has unit max-norm (as scipy's L-BFGS-B does)
-        t = torch.where(first[A], 1.0 / gA.abs().amax(1).clamp_min(1e-12), torch.ones_like(fA)).clamp(max=1.0)
-        x_new, f_new, g_new, n_new = xA.clone(), fA.clone(), gA.clone(), gnorm[A].clone()
-        todo = torch.arange(A.numel())
-        for _ in range(max_ls):
-            xt = xA[todo] + t[todo].unsqueeze(1) * d[todo]
-            ft, gt, nt = evaluate(xt.view(-1, *shape[1:]), A[todo])
-            evals += 1
-            ok = ft <= fA[todo] + 1e-4 * t[todo] * gd[todo]
-            x_new[todo[ok]], f_new[todo[ok]], g_new[todo[ok]], n_new[todo[ok]] = xt[ok], ft[ok], gt[ok], nt[ok]
-            todo = todo[~ok]
-            if todo.numel() == 0:
-                break
-            t[todo] *= 0.5
-        stuck = torch.zeros(A.numel(), dtype=torch.bool)
-        stuck[todo] = True          # no decrease found: the problem stays where it is and stops
-        s = x_new - xA
-        y = g_new - gA
-        sy = (s * y).sum(1)
-        good = (sy > 1e-10) & ~stuck
-        slot = (n_iter - 1) % memory
-        S_h[slot, A] = s
-        Y_h[slot, A] = y
-        R_h[slot] = 0.0
-        R_h[slot, A] = torch.where(good, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))
-        gamma[A] = torch.where(good, sy / (y * y).sum(1).clamp_min(1e-20), gamma[A])
-        flat = (fA - f_new).abs() <= ftol * fA.abs().clamp_min(1.0)
-        first[A] = False
-        x[A], f[A], g[A], gnorm[A] = x_new, f_new, g_new, n_new
-        active[A] = ~stuck & ~flat & (n_new > tol)
-    info = {"n_iter": int(n_iter), "evals": int(evals),
-            "converged": float((gnorm <= tol).float().mean())}
-    return x.view(shape), info
-
-
-# --------------------------------------------------------------------------- split preparation
-@dataclass
-class _Design:
-    """The features each split sees: standardised with that split's train statistics and
-    (optionally) projected on its train PCA basis. The solver works on flattened problems
-    (one per split x target x C) and only asks for products of the features with a stack of
-    per-problem weights, so the storage follows what is cheapest:
-
-    * ``shared`` (no PCA): one centred copy of X (n, d) for every split; the standardisation is
-      folded into the weights, so a solver step is ONE wide matrix product X @ (d, P*K) that
-      stays in cache; rows outside a problem's training set get weight 0.
-    * ``packed`` (PCA): each split's projected training rows (S, m, p), padded to the largest
-      split; one matrix product per split.
-    """
-    x: torch.Tensor              # (n, d) globally centred features
-    mu: torch.Tensor             # (S, d) train means
-    inv_sd: torch.Tensor         # (S, d) 1 / train std (0 for constant features)
-    train: torch.Tensor          # (S, n) bool
-    basis: torch.Tensor | None   # (S, d, p) PCA basis (packed), or None (shared)
-    rows: torch.Tensor | None    # (S, m) row index of each packed train row (0 for padding)
-    row_ok: torch.Tensor | None  # (S, m) False on padding
-    z: torch.Tensor | None       # (S, m, p) packed train features
-    explained: float | None = None
-    # Preconditioner (see _bucket_problem): the variances of the features along the eigenvectors of
-    # their covariance, per split (S, p), and those eigenvectors (p, p) for the shared design (the
-    # packed design's PCA basis is already one). None: no preconditioning.
-    pre_eig: torch.Tensor | None = None
-    pre_basis: torch.Tensor | None = None
-
-    @property
-    def shared(self) -> bool:
-        return self.basis is None
-
-    @property
-    def dim(self) -> int:
-        return self.x.shape[1] if self.shared else self.basis.shape[-1]
-
-    @property
-    def n_splits(self) -> int:
-        return self.mu.shape[0]
-
-    def full(self, s: int) -> torch.Tensor:
-        """(n, p) features of every row as split s sees them."""
-        out = (self.x - self.mu[s]) * self.inv_sd[s]
-        return out if self.basis is None else out @ self.basis[s]
-
-    def per_problem(self, v: torch.Tensor, s_of: torch.Tensor, t_of: torch.Tensor) -> torch.Tensor:
-        """Per-row values v (T, n) -> the rows each problem trains on, (R, P)."""
-        return (v[t_of] if self.shared else v[t_of.unsqueeze(1), self.rows[s_of]]).T
-
-    def train_rows(self, s_of: torch.Tensor) -> torch.Tensor:
-        """(R, P) bool: which rows train each problem."""
-        return (self.train[s_of] if self.shared else self.row_ok[s_of]).T
-
-    def apply(self, W: torch.Tensor, b: torch.Tensor, s_of: torch.Tensor) -> torch.Tensor:
-        """W (P, p, K), b (P, K), problem splits s_of (P,) -> training-row logits (R, P, K)."""
-        P, p, K = W.shape
-        if self.shared:
-            inv = self.inv_sd[s_of].unsqueeze(-1)
-            Ws = W * inv
-            b2 = b - torch.einsum("pd,pdk->pk", self.mu[s_of], Ws)
-            out = torch.addmm(b2.reshape(1, P * K), self.x, Ws.permute(1, 0, 2).reshape(p, P * K))
-            return out.view(-1, P, K)
-        out = torch.empty(self.z.shape[1], P, K, dtype=W.dtype)
-        for s in torch.unique(s_of).tolist():
-            sel = torch.nonzero(s_of == s).squeeze(1)
-            Wsel = W[sel].permute(1, 0, 2).reshape(p, -1)
-            out[:, sel] = torch.addmm(b[sel].reshape(1, -1), self.z[s], Wsel).view(-1, sel.numel(), K)
-        return out
-
-    def apply_T(self, G: torch.Tensor, s_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adjoint of ``apply``: G (R, P, K) = d f / d logits -> (d f / d W (P, p, K), d f / d b (P, K))."""
-        R, P, K = G.shape
-        gb = G.sum(0)
-        if self.shared:
-            xg = (self.x.T @ G.view(R, P * K)).view(-1, P, K).permute(1, 0, 2)
-            return (xg - self.mu[s_of].unsqueeze(-1) * gb.unsqueeze(1)) * self.inv_sd[s_of].unsqueeze(-1), gb
-        gW = torch.empty(P, self.dim, K, dtype=G.dtype)
-        for s in torch.unique(s_of).tolist():
-            sel = torch.nonzero(s_of == s).squeeze(1)
-            gW[sel] = (self.z[s].T @ G[:, sel].reshape(R, -1)).view(-1, sel.numel(), K).permute(1, 0, 2)
-        return gW, gb
-
-
-PRECONDITION_RATIO = 10.0  # "auto": precondition when the top covariance eigenvalue exceeds 10x the median
-
-
-def _wants_preconditioner(eig: torch.Tensor, precondition: bool | str) -> bool:
-    if precondition not in (True, False, "auto"):
-        raise ValueError(f"precondition={precondition!r}: use 'auto', True or False")
-    if precondition != "auto":
-        return bool(precondition)
-    top, median = float(eig.amax()), float(eig.median())
-    return top > PRECONDITION_RATIO * max(median, 1e-12 * max(top, 1e-30))
-
-
-def _make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
-                 max_bytes: float = 2.0 * 2 ** 30, precondition: bool | str = "auto") -> _Design:
-    X = X - X.mean(0, keepdim=True)
-    S = train.shape[0]
-    w = train.to(X.dtype)
-    cnt = w.sum(1, keepdim=True)
-    mu = (w @ X) / cnt
-    var = ((w @ (X * X)) / cnt - mu * mu).clamp_min(0)
-    sd = var.sqrt()
-    inv_sd = torch.where(sd > 1e-6 * sd.amax(1, keepdim=True).clamp_min(1e-12), 1.0 / sd, torch.zeros_like(sd))
-    if not pca or pca >= X.shape[1]:
-        design = _Design(X, mu, inv_sd, train, None, None, None, None)
-        if precondition is not False:
-            # one eigenbasis of the standardised covariance of all rows serves every split: it only
-            # steers the solver, the optimum of each split's objective does not depend on it
-            sd_all = X.pow(2).mean(0).sqrt()
-            Xs = X * torch.where(sd_all > 1e-6 * sd_all.amax().clamp_min(1e-12), 1.0 / sd_all, torch.zeros_like(sd_all))
-            eig, basis = torch.linalg.eigh((Xs.T @ Xs) / X.shape[0])
-            eig = eig.clamp_min(0)
-            if _wants_preconditioner(eig, precondition):
-                design.pre_eig = eig.expand(S, -1)
-                design.pre_basis = basis.contiguous()
-        return design
-    m, p = int(train.sum(1).max()), int(pca)
-    need = S * m * p * X.element_size()
-    if need > max_bytes:
-        raise ValueError(f"features: {S} splits x {m} train rows x {p} PCA dims need {need / 2 ** 30:.1f} GiB; "
-                         "pass a smaller pca=<dims>, select='cv' (half the splits) or fewer rows")
-    rows = torch.zeros(S, m, dtype=torch.long)
-    row_ok = torch.zeros(S, m, dtype=torch.bool)
-    z = torch.zeros(S, m, p, dtype=X.dtype)
-    basis = torch.empty(S, X.shape[1], p, dtype=X.dtype)
-    explained = []
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(0)  # svd_lowrank draws a random test matrix; keep results reproducible
-    try:
-        for s in range(S):
-            idx = torch.nonzero(train[s]).squeeze(1)
-            rows[s, :idx.numel()] = idx
-            row_ok[s, :idx.numel()] = True
-            tr = (X[idx] - mu[s]) * inv_sd[s]
-            _, sv, V = torch.svd_lowrank(tr, q=min(p + 10, *tr.shape), niter=3)
-            basis[s] = V[:, :p]
-            explained.append(float((sv[:p] ** 2).sum() / (tr * tr).sum().clamp_min(1e-12)))
-            z[s, :idx.numel()] = tr @ basis[s]
-    finally:
-        torch.random.set_rng_state(gen_state)
-    design = _Design(X, mu, inv_sd, train, basis, rows, row_ok, z, float(np.mean(explained)))
-    if precondition is not False:
-        # PCA scores are uncorrelated on their split's training rows: the preconditioner is diagonal
-        eig = z.pow(2).sum(1) / row_ok.sum(1, keepdim=True).clamp_min(1).to(z.dtype)   # (S, p)
-        if _wants_preconditioner(eig.mean(0), precondition):
-            design.pre_eig = eig
-    return design
-
-
-# --------------------------------------------------------------------------- solvers
-def _fit_logistic(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_classes: Sequence[int],
-                  Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool = True
-                  ) -> tuple[torch.Tensor, dict]:
-    """Batched multinomial logistic regression for targets (T, n) (int class codes, -1 missing),
-    valid (T, n) and Cs (L,), on every split of ``design``. Returns predicted class codes
-    (S, n, T, L) and solver info.
-
-    Targets are grouped in buckets of equal class count (no padded classes; binary targets use
-    one logit), but all buckets run in ONE batched L-BFGS: every problem's parameters are padded
-    to the widest bucket for the optimiser's vector algebra, while each bucket's objective is
-    evaluated with its own matrix products. ``warm``: C ascending, each C warm-started from the
-    previous solution; otherwise every C at once from zero."""
-    S, n = design.n_splits, design.x.shape[0]
-    T, L = targets.shape[0], Cs.shape[0]
-    p = design.dim
-    ks = sorted(set(n_classes))
-    members = {k: [t for t, kk in enumerate(n_classes) if kk == k] for k in ks}
-    width = (p + 1) * max(1 if k == 2 else k for k in ks)
-    pred = torch.zeros(S, n, T, L, dtype=torch.int64)
-    blocks = [Cs[l:l + 1] for l in range(L)] if warm else [Cs]
-    x = None
-    infos = []
-    col = 0
-    prev_parts = None
-    for C in blocks:
-        parts = [_bucket_problem(design, targets[members[k]], valid[members[k]], max(k, 2), C) for k in ks]
-        sizes = [pb.P for pb in parts]
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-
-        def fun(xs: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            f = torch.empty(idx.numel(), dtype=xs.dtype)
-            g = torch.zeros_like(xs)
-            gmax = torch.empty(idx.numel(), dtype=xs.dtype)
-            for b, pb in enumerate(parts):
-                sel = torch.nonzero((idx >= offsets[b]) & (idx < offsets[b + 1])).squeeze(1)
-                if sel.numel() == 0:
-                    continue
-                fb, gb, mb = pb.fun(xs[sel, :pb.width].view(-1, p + 1, pb.K), idx[sel] - int(offsets[b]))
-                f[sel] = fb
-                g[sel, :pb.width] = gb.reshape(sel.numel(), -1)
-                gmax[sel] = mb
-            return f, g, gmax
-
-        if x is None or not warm:
-            x = torch.zeros(int(offsets[-1]), width, dtype=Cs.dtype)
-        elif design.pre_eig is not None:  # the preconditioner depends on C: carry the weights, not V
-            for b, (old_pb, pb) in enumerate(zip(prev_parts, parts)):
-                rows = slice(int(offsets[b]), int(offsets[b + 1]))
-                theta = x[rows, :pb.width].reshape(-1, p + 1, pb.K)
-                x[rows, :pb.width] = pb.from_plain(old_pb.to_plain(theta)).reshape(pb.P, -1)
-        prev_parts = parts
-        x, info = batched_lbfgs(fun, x, max_iter=max_iter, tol=tol)
-        infos.append(info)
-        for b, (k, pb) in enumerate(zip(ks, parts)):
-            theta = x[int(offsets[b]):int(offsets[b + 1]), :pb.width].reshape(-1, p + 1, pb.K)
-            pred[:, :, members[k], col:col + C.shape[0]] = pb.predict(theta)
-        col += C.shape[0]
-    info = {key: [i[key] for i in infos] for key in infos[0]} if warm else infos[0]
-    return pred, info
-
-
-@dataclass
-class _BucketProblem:
-    P: int
-    K: int
-    width: int
-    fun: Callable        # (theta, idx) -> (f, g, max |g| of the weights W and intercept)
-    predict: Callable
-    to_plain: Callable   # solver parameters (P, p + 1, K) -> weights and intercept in the same layout
-    from_plain: Callable
-
-
-def _rotate(basis: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """basis (p, p) @ W[i] for every problem i of W (P, p, K), as one matrix product."""
-    P, p, K = W.shape
-    return (basis @ W.permute(1, 0, 2).reshape(p, P * K)).view(p, P, K).permute(1, 0, 2)
-
-
-def _bucket_problem(design: _Design, targets: torch.Tensor, valid: torch.Tensor, n_cls: int,
-                    C: torch.Tensor) -> _BucketProblem:
-    """Targets (T, n) that all have ``n_cls`` classes, C values (Lb,): one problem per
-    (split, target, C), flattened in that order, objective ``mean CE + ||W||^2 / (2 C n_train)``.
-    Parameters (P, p + 1, K) with K = n_cls, or K = 1 for binary (logit of class 1 against
-    class 0, as scikit-learn does); row p of each problem is the unpenalised intercept.
-
-    Preconditioning (when ``design.pre_eig`` is set): the solver works on V with W = U (D * V) and
-    b = v_b / sqrt(c), where U are the eigenvectors of the feature covariance, e its eigenvalues,
-    c = 1/4 (binary) or 1/K the logistic curvature at W = 0, and D = (c e + 1 / (C n))^-1/2. The
-    objective's Hessian at the start is then close to the identity in every direction, which L-BFGS
-    otherwise has to learn one iteration at a time: on correlated real features it needs 2-10x
-    fewer iterations (and converges where it would stop at max_iter). The optimum and the stopping
-    test (max |gradient| of W and b <= tol, scikit-learn's criterion) are unchanged."""
-    S, p = design.n_splits, design.dim
-    T, Lb = targets.shape[0], C.shape[0]
-    dtype = C.dtype
-    binary = n_cls == 2
-    K = 1 if binary else n_cls
-    grid = torch.cartesian_prod(torch.arange(S), torch.arange(T), torch.arange(Lb)).view(-1, 3)
-    s_of, t_of, l_of = grid[:, 0], grid[:, 1], grid[:, 2]
-    w_all = design.per_problem(valid, s_of, t_of).to(dtype) * design.train_rows(s_of).to(dtype)
-    count = w_all.sum(0).clamp_min(1.0)                                       # (P,)
-    w_all = w_all / count
-    y_all = design.per_problem(targets.clamp_min(0), s_of, t_of)              # (R, P)
-    pen = 1.0 / (2.0 * C[l_of] * count)                                       # (P,)
-    pre = design.pre_eig is not None
-    if pre:
-        curv = 0.25 if binary else 1.0 / n_cls
-        D = (curv * design.pre_eig[s_of] + (2.0 * pen).unsqueeze(1)).rsqrt()   # (P, p)
-        b_scale = curv ** -0.5
-
-    def to_plain(theta: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Solver parameters -> [W; b] (same layout)."""
-        if not pre:
-            return theta
-        d = D if idx is None else D[idx]
-        W = theta[:, :p] * d.unsqueeze(-1)
-        if design.pre_basis is not None:
-            W = _rotate(design.pre_basis, W)
-        return torch.cat([W, theta[:, p:] * b_scale], dim=1)
-
-    def from_plain(plain: torch.Tensor) -> torch.Tensor:
-        if not pre:
-            return plain
-        W = plain[:, :p]
-        if design.pre_basis is not None:
-            W = _rotate(design.pre_basis.T, W)
-        return torch.cat([W / D.unsqueeze(-1), plain[:, p:] / b_scale], dim=1)
-
-    def fun(theta: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # analytic gradient: d(mean CE)/d logits = w * (softmax - onehot)
-        plain = to_plain(theta, idx)
-        W, b = plain[:, :p], plain[:, p]
-        z = design.apply(W, b, s_of[idx])                                     # (R, Pa, K)
-        w = w_all[:, idx]
-        y = y_all[:, idx]
-        if binary:
-            z = z.squeeze(-1)
-            y1 = (y == 1).to(dtype)
-            nll = torch.nn.functional.softplus(z) - z * y1
-            G = torch.sigmoid(z).sub_(y1).mul_(w).unsqueeze(-1)
-        else:
-            mx = z.amax(-1, keepdim=True)
-            e = (z - mx).exp_()
-            se = e.sum(-1, keepdim=True)
-            yi = y.unsqueeze(-1)
-            nll = (mx + se.log() - z.gather(-1, yi)).squeeze(-1)
-            G = e.mul_(w.unsqueeze(-1) / se)
-            G.scatter_add_(-1, yi, -w.unsqueeze(-1))
-        f = (nll * w).sum(0) + pen[idx] * W.pow(2).sum((1, 2))
-        gW, gb = design.apply_T(G, s_of[idx])
-        gW = gW + (2.0 * pen[idx]).view(-1, 1, 1) * W
-        gmax = torch.maximum(gW.abs().amax((1, 2)), gb.abs().amax(1))
-        if pre:  # chain rule back to the solver's parameters
-            if design.pre_basis is not None:
-                gW = _rotate(design.pre_basis.T, gW)
-            gW = gW * D[idx].unsqueeze(-1)
-            gb = gb * b_scale
-        return f, torch.cat([gW, gb.unsqueeze(1)], dim=1), gmax
-
-    def predict(theta: torch.Tensor) -> torch.Tensor:
-        """Predicted classes of all rows, (S, n, T, Lb)."""
-        theta = to_plain(theta)
-        if design.shared:  # every row's logits in one product with the folded-in standardisation
-            th = theta.reshape(S * T * Lb, p + 1, K)
-            zl = design.apply(th[:, :p], th[:, p], s_of)                      # (n, P, K)
-            cls = (zl[..., 0] > 0).long() if binary else zl.argmax(-1)       # (n, P)
-            return cls.T.reshape(S, T, Lb, -1).permute(0, 3, 1, 2)
-        th = theta.reshape(S, T * Lb, p + 1, K)
-        out = []
-        for s in range(S):
-            W = th[s, :, :p].permute(1, 0, 2).reshape(p, -1)
-            zl = torch.addmm(th[s, :, p].reshape(1, -1), design.full(s), W).view(-1, T, Lb, K)
-            out.append((zl[..., 0] > 0).long() if binary else zl.argmax(-1))
-        return torch.stack(out)
-
-    return _BucketProblem(P=S * T * Lb, K=K, width=(p + 1) * K, fun=fun, predict=predict, to_plain=to_plain,
-                          from_plain=from_plain)
-
-
-def _fit_ridge(design: _Design, targets: torch.Tensor, valid: torch.Tensor, Cs: torch.Tensor) -> torch.Tensor:
-    """Closed-form ridge for every split, target and alpha = 1/C (objective
-    ``sum_i (y_i - x_i w - b)^2 + alpha ||w||^2``) via one SVD per split and missing-value pattern.
-    Returns predictions (S, n, T, L)."""
-    S, n = design.n_splits, design.x.shape[0]
-    T, L = targets.shape[0], Cs.shape[0]
-    alphas = 1.0 / Cs
-    out = torch.zeros(S, n, T, L, dtype=targets.dtype)
-    for s in range(S):
-        Z = design.full(s)
-        rows_s = torch.nonzero(design.train[s]).squeeze(1)
-        cache: dict[bytes, tuple] = {}
-        for t in range(T):
-            rows = rows_s[valid[t, rows_s]]
-            key = rows.numpy().tobytes()
-            if key not in cache:
-                Zr = Z[rows]
-                zm = Zr.mean(0)
-                U, sv, Vh = torch.linalg.svd(Zr - zm, full_matrices=False)
-                cache[key] = (zm, U, sv, Vh)
-            zm, U, sv, Vh = cache[key]
-            y = targets[t, rows]
-            ym = y.mean()
-            uty = U.T @ (y - ym)                                                      # (r,)
-            shrink = sv.unsqueeze(1) / (sv.unsqueeze(1) ** 2 + alphas.unsqueeze(0))  # (r, L)
-            coef = Vh.T @ (shrink * uty.unsqueeze(1))                                # (p, L)
-            out[s, :, t] = (Z - zm) @ coef + ym
-    return out
 
 
 # --------------------------------------------------------------------------- results
@@ -898,7 +435,7 @@ def _probe_matrix(features, labels, groups, *, types, tasks, Cs, n_folds, select
             pdim = int(pca)
         if pdim is not None:
             pdim = min(pdim, int(train_np.sum(1).min()) - 1, d)
-        design = _make_design(X, train, pdim, precondition=precondition)
+        design = make_design(X, train, pdim, precondition=precondition)
         for task in ("classification", "regression"):
             names = [nm for nm, e in enc.items() if e["task"] == task]
             if not names:
@@ -920,10 +457,10 @@ def _probe_matrix(features, labels, groups, *, types, tasks, Cs, n_folds, select
                 for nm in names:
                     k = len(enc[nm]["classes"])
                     ncls += [k, k] if control else [k]
-                pred, info = _fit_logistic(design, targets, valid, ncls, Cs_t, max_iter=max_iter, tol=tol,
+                pred, info = fit_logistic(design, targets, valid, ncls, Cs_t, max_iter=max_iter, tol=tol,
                                               warm=path == "warm")
             else:
-                pred = _fit_ridge(design, targets, valid, Cs_t)
+                pred = fit_ridge(design, targets, valid, Cs_t)
                 info = {"solver": "closed-form ridge (alpha = 1/C)"}
             scores = _score(pred, targets, valid, evals, task)                  # (S, T, L)
             step = 2 if control else 1

@@ -151,6 +151,50 @@ def test_batched_solver_matches_sklearn_at_the_same_C():
             assert abs(acc - r.score_folds[f]) <= 0.01
 
 
+def _two_loop_direction(pairs, g, gamma):
+    """Textbook L-BFGS two-loop recursion (Nocedal and Wright, Algorithm 7.4), H0 = gamma I,
+    for one problem; ``pairs`` oldest first."""
+    q, alphas = g.clone(), []
+    for s, y in reversed(pairs):
+        a = (s @ q) / (s @ y)
+        q -= a * y
+        alphas.append(a)
+    r = gamma * q
+    for (s, y), a in zip(pairs, reversed(alphas)):
+        r += (a - (y @ r) / (s @ y)) * s
+    return -r
+
+
+def test_batched_lbfgs_memory_gives_each_problem_its_own_direction():
+    """The solver's batched memory (a ring buffer where each problem may reject a pair) gives, per
+    problem, the textbook two-loop direction over the pairs that problem kept among the last m."""
+    import torch
+
+    from probes.solver import _Memory
+
+    torch.manual_seed(0)
+    P, N, m = 3, 7, 4
+    mem = _Memory(P, N, m, torch.float64)
+    hess = []
+    for _ in range(P):
+        a = torch.randn(N, N, dtype=torch.float64)
+        hess.append(a @ a.T + N * torch.eye(N, dtype=torch.float64))   # y = H s, so s.y > 0
+    pushes: list[list] = [[] for _ in range(P)]
+    for step in range(9):                                                # wraps the ring of 4 twice
+        s = torch.randn(P, N, dtype=torch.float64)
+        y = torch.stack([hess[i] @ s[i] for i in range(P)])
+        keep = torch.tensor([True, step % 3 != 1, step == 0])           # problem 2: one early pair only
+        mem.push(s, y, keep)
+        g = torch.randn(P, N, dtype=torch.float64)
+        d = mem.direction(g)
+        for i in range(P):
+            pushes[i].append((s[i], y[i], bool(keep[i])))
+            window = [(si, yi) for si, yi, k in pushes[i][-m:] if k]
+            ever = [(si, yi) for si, yi, k in pushes[i] if k]
+            gamma = (ever[-1][0] @ ever[-1][1]) / (ever[-1][1] @ ever[-1][1]) if ever else 1.0
+            assert torch.allclose(d[i], _two_loop_direction(window, g[i], gamma), atol=1e-10), (step, i)
+
+
 def test_preconditioning_changes_the_path_not_the_solution():
     """On correlated features (a wide covariance spectrum, as real features have) the preconditioned
     solver reaches the same fits - the same predictions as scikit-learn - in fewer iterations;
