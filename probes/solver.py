@@ -327,6 +327,9 @@ def fit_logistic(design: Design, targets: torch.Tensor, valid: torch.Tensor, n_c
     merged = [{"n_iter": max(i["n_iter"] for _, i in block), "evals": sum(i["evals"] for _, i in block),
                "converged": sum(P * i["converged"] for P, i in block) / sum(P for P, _ in block)} for block in infos]
     info = {key: [m[key] for m in merged] for key in merged[0]} if warm else merged[0]
+    # per class count: how many problems each batch held and the evaluations it needed (per C block)
+    info["by_classes"] = {str(k): {"problems": infos[0][j][0], "evals": [block[j][1]["evals"] for block in infos]}
+                          for j, k in enumerate(sorted(set(n_classes)))}
     return pred, info
 
 

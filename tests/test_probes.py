@@ -142,6 +142,8 @@ def test_batched_solver_matches_sklearn_at_the_same_C():
         X, y = planted(n=300, d=10, k=k, strength=1.0, seed=k)
         groups = np.arange(300)
         r = probe(X, y, groups, Cs=(1.0,), select="cv", control=False, n_folds=3, progress=False)
+        # one batch for the class count, holding the 3 folds' problems
+        assert list(r.solver["by_classes"]) == [str(k)] and r.solver["by_classes"][str(k)]["problems"] == 3
         folds = grouped_kfold(groups, 3, 0, y)
         for f, (tr, te) in enumerate(folds):
             sc = StandardScaler().fit(X[tr])

@@ -68,6 +68,7 @@ def test_fvl_bench_probe_reports_both_comparisons(capsys):
                  "--no-sweep", "--no-full"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["speedup"] > 0 and r["max_acc_diff"] <= 0.02 and r["goal_met"] in (True, False)
+    assert r["products_floor_s"] > 0 and r["speedup_bound"] > 0
     # on the correlated copy 'auto' switches the preconditioner on, needs fewer iterations, and lands
     # where a converged scikit-learn does
     assert r["correlated_precondition_used"] is True
