@@ -30,7 +30,7 @@ class _Memory:
     over problems; H0 = gamma I with gamma = s.y / y.y of the problem's newest kept pair. A pair a
     problem rejects (s.y <= 0, or no step) gets rho = 0, which makes it contribute nothing.
     (The compact Byrd-Nocedal-Schnabel form gives the same directions with fewer, larger operations;
-    measured ~20% slower here, at 5-100 problems x 257-2570 parameters.)"""
+    measured 7-22% slower here, at 5-100 problems x 257-2570 parameters.)"""
 
     def __init__(self, P: int, N: int, m: int, dtype: torch.dtype):
         self.m = m
