@@ -133,7 +133,10 @@ def batched_lbfgs(fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor
             t = torch.where(todo, t * 0.5, t)
         stuck = todo                # no decrease found: the problem stays where it is and stops
         s, y = x_new - x, g_new - g
-        mem.push(s, y, ((s * y).sum(1) > 1e-10) & ~stuck & active)
+        # keep a pair only with positive curvature, relative to its scale (an absolute floor would
+        # reject every pair of the tiny steps near an optimum and leave the memory stale)
+        curvature_ok = (s * y).sum(1) > torch.finfo(x.dtype).eps * (y * y).sum(1)
+        mem.push(s, y, curvature_ok & ~stuck & active)
         flat = (f - f_new).abs() <= ftol * f.abs().clamp_min(1.0)
         x, f, g, gnorm = x_new, f_new, g_new, n_new
         active = active & ~stuck & ~flat & (n_new > tol)
@@ -168,6 +171,10 @@ class Design:
     # packed design's PCA basis is already one). None: no preconditioning.
     pre_eig: torch.Tensor | None = None
     pre_basis: torch.Tensor | None = None
+    # The same spectrum whether or not it preconditions: the first Newton step (logistic_bucket's
+    # newton_start) uses it. cov_basis None: the packed design, whose PCA scores are uncorrelated.
+    cov_eig: torch.Tensor | None = None       # (S, p)
+    cov_basis: torch.Tensor | None = None     # (p, p)
     xT: torch.Tensor | None = None   # x.T, contiguous (the forward product reads it row by row)
 
     @property
@@ -249,16 +256,14 @@ def make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
     inv_sd = torch.where(sd > 1e-6 * sd.amax(1, keepdim=True).clamp_min(1e-12), 1.0 / sd, torch.zeros_like(sd))
     if not pca or pca >= X.shape[1]:
         design = Design(X, mu, inv_sd, train, None, None, None, None, xT=X.T.contiguous())
-        if precondition is not False:
-            # one eigenbasis of the standardised covariance of all rows serves every split: it only
-            # steers the solver, the optimum of each split's objective does not depend on it
-            sd_all = X.pow(2).mean(0).sqrt()
-            Xs = X * torch.where(sd_all > 1e-6 * sd_all.amax().clamp_min(1e-12), 1.0 / sd_all, torch.zeros_like(sd_all))
-            eig, basis = torch.linalg.eigh((Xs.T @ Xs) / X.shape[0])
-            eig = eig.clamp_min(0)
-            if wants_preconditioner(eig, precondition):
-                design.pre_eig = eig.expand(S, -1)
-                design.pre_basis = basis.contiguous()
+        # one eigenbasis of the standardised covariance of all rows serves every split: it only
+        # steers the solver (start and preconditioner), the optimum of each split's objective does not depend on it
+        sd_all = X.pow(2).mean(0).sqrt()
+        Xs = X * torch.where(sd_all > 1e-6 * sd_all.amax().clamp_min(1e-12), 1.0 / sd_all, torch.zeros_like(sd_all))
+        eig, basis = torch.linalg.eigh((Xs.T @ Xs) / X.shape[0])
+        design.cov_eig, design.cov_basis = eig.clamp_min(0).expand(S, -1), basis.contiguous()
+        if precondition is not False and wants_preconditioner(design.cov_eig[0], precondition):
+            design.pre_eig, design.pre_basis = design.cov_eig, design.cov_basis
         return design
     m, p = int(train.sum(1).max()), int(pca)
     need = S * m * p * X.element_size()
@@ -285,11 +290,10 @@ def make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
     finally:
         torch.random.set_rng_state(gen_state)
     design = Design(X, mu, inv_sd, train, basis, rows, row_ok, z, float(np.mean(explained)))
-    if precondition is not False:
-        # PCA scores are uncorrelated on their split's training rows: the preconditioner is diagonal
-        eig = z.pow(2).sum(1) / row_ok.sum(1, keepdim=True).clamp_min(1).to(z.dtype)   # (S, p)
-        if wants_preconditioner(eig.mean(0), precondition):
-            design.pre_eig = eig
+    # PCA scores are uncorrelated on their split's training rows: the spectrum is diagonal
+    design.cov_eig = z.pow(2).sum(1) / row_ok.sum(1, keepdim=True).clamp_min(1).to(z.dtype)   # (S, p)
+    if precondition is not False and wants_preconditioner(design.cov_eig.mean(0), precondition):
+        design.pre_eig = design.cov_eig
     return design
 
 
@@ -302,7 +306,8 @@ def fit_logistic(design: Design, targets: torch.Tensor, valid: torch.Tensor, n_c
 
     Targets are grouped in buckets of equal class count (binary targets use one logit); each
     bucket is one batched L-BFGS. ``warm``: C ascending, each C warm-started from the previous
-    solution; otherwise every C at once from zero."""
+    solution; otherwise every C at once. A fresh start is one Newton step from the class prior
+    (``newton_start``), not zero: the first, most regularised C then needs a few iterations."""
     S, n = design.n_splits, design.x.shape[0]
     T, L = targets.shape[0], Cs.shape[0]
     pred = torch.zeros(S, n, T, L, dtype=torch.int64)
@@ -314,7 +319,7 @@ def fit_logistic(design: Design, targets: torch.Tensor, valid: torch.Tensor, n_c
         for b, C in enumerate(blocks):
             pb = logistic_bucket(design, targets[members], valid[members], max(k, 2), C)
             if theta is None or not warm:
-                theta = torch.zeros(pb.P, pb.K, design.dim + 1, dtype=Cs.dtype)
+                theta = pb.newton_start()
             elif design.pre_eig is not None:  # the preconditioner depends on C: carry the weights, not V
                 theta = pb.from_plain(prev.to_plain(theta))
             theta, info = batched_lbfgs(pb.fun, theta, max_iter=max_iter, tol=tol)
@@ -341,6 +346,7 @@ class LogisticBucket:
     predict: Callable
     to_plain: Callable   # solver parameters (P, K, p + 1) -> weights and intercept in the same layout
     from_plain: Callable
+    newton_start: Callable  # () -> solver parameters one Newton step from the class prior
 
 
 def logistic_bucket(design: Design, targets: torch.Tensor, valid: torch.Tensor, n_cls: int,
@@ -431,6 +437,35 @@ def logistic_bucket(design: Design, targets: torch.Tensor, valid: torch.Tensor, 
             gb = gb * b_scale
         return f, torch.cat([gW, gb.unsqueeze(2)], dim=2), gmax
 
+    def newton_start() -> torch.Tensor:
+        """Solver parameters (P, K, p + 1) one Newton step from W = 0 with the intercepts at the class
+        prior, under the Hessian there in Kronecker form: (feature covariance) x (softmax curvature
+        at the prior) + the penalty. Problems that are nearly quadratic (weak signal or a strong
+        penalty, the common case for probes) start next to their optimum, and L-BFGS polishes from
+        there to the same stopping test; the optimum does not depend on the start."""
+        prior = yw_all.sum(2)                                                  # (P, K) weighted class shares
+        if binary:
+            prior = prior.clamp(1e-3, 1 - 1e-3)
+            curv = (prior * (1 - prior)).unsqueeze(2)                          # (P, 1, 1)
+            b0 = torch.log(prior / (1 - prior))
+        else:
+            prior = prior.clamp_min(1e-3)
+            prior = prior / prior.sum(1, keepdim=True)
+            curv_k, V = torch.linalg.eigh(torch.diag_embed(prior) - prior.unsqueeze(2) * prior.unsqueeze(1))
+            curv = curv_k.clamp_min(0).unsqueeze(2)                            # (P, K, 1), in V's basis
+            b0 = prior.log()
+        G = prior.unsqueeze(2) * w_all.unsqueeze(1) - yw_all                   # d(mean CE)/d logits at W = 0
+        R = -design.apply_T(G, s_of)[0]                                        # (P, K, p): minus the gradient
+        basis = design.cov_basis
+        Q = R if basis is None else rotate(R, basis)                           # feature eigenbasis
+        if not binary:
+            Q = V.transpose(1, 2) @ Q                                          # class eigenbasis
+        Q = Q / (curv * design.cov_eig[s_of].unsqueeze(1) + (2.0 * pen).view(-1, 1, 1))
+        if not binary:
+            Q = V @ Q
+        W0 = Q if basis is None else rotate(Q, basis.T)
+        return from_plain(torch.cat([W0, b0.unsqueeze(2)], dim=2))
+
     def predict(theta: torch.Tensor) -> torch.Tensor:
         """Predicted classes of all rows, (S, n, T, Lb)."""
         theta = to_plain(theta)
@@ -445,7 +480,8 @@ def logistic_bucket(design: Design, targets: torch.Tensor, valid: torch.Tensor, 
         cls = (zl[:, 0] > 0).long() if binary else zl.max(1).indices        # (P, n)
         return cls.view(S, T, Lb, -1).permute(0, 3, 1, 2)
 
-    return LogisticBucket(P=P, K=K, fun=fun, predict=predict, to_plain=to_plain, from_plain=from_plain)
+    return LogisticBucket(P=P, K=K, fun=fun, predict=predict, to_plain=to_plain, from_plain=from_plain,
+                          newton_start=newton_start)
 
 
 # --------------------------------------------------------------------------- ridge regression
