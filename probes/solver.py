@@ -11,6 +11,8 @@ Why it is shaped this way (``fvl bench probe --json`` measures it against scikit
   axis, with the rows contiguous (a softmax over a tiny innermost axis is several times slower).
 * The line search evaluates every problem at once, without gathers, while all are still searching
   (the common case: the unit step is accepted), and only the problems still moving afterwards.
+* A fresh fit starts one Newton step from the class prior (``newton_start``), not from zero: for
+  the strongly regularised end of a C sweep that is nearly the optimum already.
 """
 from __future__ import annotations
 
