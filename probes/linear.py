@@ -26,9 +26,10 @@ optimum as scikit-learn's ``C * sum_i CE_i + ||W||^2 / 2``), is minimised by a b
 torch in which every problem keeps its own curvature memory, step size and stopping test, and
 converged problems drop out of the batch. Without PCA the per-split standardisation is folded
 into the weights, so one centred copy of X serves every split and the data term is a single
-matrix product per evaluation. Binary targets use one logit (like scikit-learn). On features whose covariance is far from
-isotropic (real features: a few directions dominate) the solver is preconditioned with that
-covariance (``precondition="auto"``), which changes the path to the optimum, not the optimum.
+matrix product per evaluation. Binary targets use one logit (like scikit-learn). A fit starts one
+Newton step from the class prior. On features whose covariance is far from isotropic (real features:
+a few directions dominate) the solver is preconditioned with that covariance
+(``precondition="auto"``); start and preconditioner change the path to the optimum, not the optimum.
 """
 from __future__ import annotations
 
@@ -339,7 +340,7 @@ def probe_matrix(features: Mapping[str, np.ndarray], labels: Mapping[str, Sequen
     path:     'warm' (solve C ascending, warm-starting each from the last) or 'joint' (all C at once).
     precondition: 'auto' (when the standardised features' top covariance eigenvalue is > 10x the
               median, as for real, correlated features), True or False; it changes how fast the
-              solver gets there, not the solution (see ``_bucket_problem``).
+              solver gets there, not the solution (see ``probes.solver.logistic_bucket``).
     threads:  torch threads while solving (restored after). None: 1 thread for small problems
               (n * d < 2^21, where thread start-up and, on a busy machine, oversubscription cost
               more than they give: measured 20x slower with 2 threads on a loaded 2-core box),
