@@ -151,6 +151,8 @@ def test_fvl_bench_train_step_compares_both_losses(capsys):
     assert 0 < r["label_tokens"] < r["tokens"] and r["ours_s"] > 0 and r["full_logits_s"] > 0
     assert r["speedup"] == pytest.approx(r["full_logits_s"] / r["ours_s"], rel=1e-2)
     assert r["loss_rel_diff"] < 1e-5
+    assert r["bf16_s"] > 0 and r["bf16_speedup"] == pytest.approx(r["ours_s"] / r["bf16_s"], rel=1e-2)
+    assert 0 < r["bf16_loss_rel_diff"] < 0.05  # bf16 rounds differently, but it is the same loss
     for side in ("stage2", "florence2"):  # fused vs unfused AdamW: timed, and the same update
         o = r["optimizer"][side]
         assert o["tensors"] > 0 and o["fused_s"] > 0 and o["unfused_s"] > 0
