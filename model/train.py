@@ -351,8 +351,8 @@ def make_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, device: torch
     """AdamW, with torch's fused kernel on CPU and CUDA: one pass over all parameters instead of a
     dozen small operations per tensor (the same update rule, up to float rounding). On the 2-core
     development machine the small Florence-2 stage's optimizer step (272 tensors, 4.1 M parameters)
-    takes 7.9 ms fused against 29 ms unfused, about 5% of a training step (`fvl bench train-step
-    --json`, key "optimizer", times both and their difference)."""
+    takes 5-8 ms fused against 17-29 ms unfused (three runs), saving about 5% of a training step
+    (`fvl bench train-step --json`, key "optimizer", times both and their difference)."""
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                              fused=device.type in ("cpu", "cuda"))
 
