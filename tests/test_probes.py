@@ -87,6 +87,28 @@ def test_grouped_folds_never_split_a_group():
         grouped_kfold(np.array([0, 0, 1, 1]), 3)
 
 
+def test_grouped_folds_put_each_group_in_the_least_loaded_fold():
+    """The fold rule the docstring states, checked step by step: walking the groups in the order
+    grouped_kfold visits them, each lands in the fold with the fewest rows so far (lowest index on
+    ties), so fold sizes differ by at most the largest group."""
+    rng = np.random.default_rng(3)
+    groups = rng.integers(0, 90, 700)                 # uneven group sizes
+    folds = grouped_kfold(groups, 4, seed=1)
+    fold_of_row = np.empty(700, int)
+    for f, (_, te) in enumerate(folds):
+        fold_of_row[te] = f
+    uniq, sizes = np.unique(groups, return_counts=True)
+    fold_of_group = {g: fold_of_row[np.flatnonzero(groups == g)[0]] for g in uniq}
+    # the visiting order: shuffled with the seed, then stably by size, largest first
+    order = np.random.default_rng(1).permutation(uniq.size)
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    load = np.zeros(4, int)
+    for i in order:
+        assert fold_of_group[uniq[i]] == int(np.argmin(load)), (i, load)
+        load[fold_of_group[uniq[i]]] += sizes[i]
+    assert load.max() - load.min() <= sizes.max()
+
+
 def test_regression_recovers_planted_linear_target():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 12))
