@@ -69,6 +69,10 @@ def test_fvl_bench_probe_reports_both_comparisons(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["speedup"] > 0 and r["max_acc_diff"] <= 0.02 and r["goal_met"] in (True, False)
     assert r["products_floor_s"] > 0 and r["speedup_bound"] > 0
+    # the ceiling with the probe matrix's fixed costs: below the products-only one, and their ratio
+    assert r["ours_fixed_s"] > 0 and r["speedup_bound_with_fixed"] <= r["speedup_bound"]
+    expected = r["sklearn_s"] / (r["ours_fixed_s"] + r["products_floor_s"])
+    assert r["speedup_bound_with_fixed"] == pytest.approx(expected, rel=0.05)
     # on the correlated copy 'auto' switches the preconditioner on, needs fewer iterations, and lands
     # where a converged scikit-learn does
     assert r["correlated_precondition_used"] is True
