@@ -23,6 +23,7 @@ browser:
 	    echo "warning: could not install chromium; the browser test will fail with a clear message"; }
 
 test: setup browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 demo: setup

@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> dict:
-    from model.builder import build_model
+    from model.loading import build_model
 
     model, processor = build_model(args.preset)
     image = torch.zeros(1, 3, model.config.image_size, model.config.image_size)

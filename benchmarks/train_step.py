@@ -16,6 +16,13 @@ from __future__ import annotations
 
 import time
 
+from model.loading import build_model
+from model.processing import IGNORE_INDEX, packed_attention_mask
+from model.training.florence2 import build_florence2
+from model.training.loop import token_loss_sum
+from model.training.vlm import VLMTask
+from workbench.data.scenes import generate_scene
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="small")
@@ -26,9 +33,6 @@ def add_arguments(parser) -> None:
 
 def full_logits_loss(model, batch):
     """The reference: the model's own forward (LM head at every position), then the summed token loss."""
-    from model.processing import packed_attention_mask
-    from model.train import token_loss_sum
-
     feats = model.mm_projector(batch["fused"])
     mask = batch["attention_mask"]
     if batch.get("segments") is not None:
@@ -77,11 +81,6 @@ def optimizer_steps(params: list, repeats: int) -> dict:
 def run(args) -> dict:
     import torch
 
-    from model.builder import build_model
-    from model.processing import IGNORE_INDEX
-    from model.train import VLMTask
-    from workbench.data.scenes import generate_scene
-
     torch.set_num_threads(args.threads)
     model, processor = build_model(args.preset, image_size=192, seed=0)
     processor.template = model.config.template = "phi3"
@@ -120,7 +119,6 @@ def run(args) -> dict:
                 times[name].append(elapsed)
     ours_s, full_s = min(times["ours"]), min(times["full"])
     labels = batch["labels"][:, 1:]
-    from model.florence2_pretrain import build_florence2
 
     optimizer = {"stage2": optimizer_steps([p for p in model.parameters() if p.requires_grad], args.repeats),
                  "florence2": optimizer_steps(list(build_florence2(model, seed=0).parameters()), args.repeats)}

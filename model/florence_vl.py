@@ -6,10 +6,15 @@ transformers causal LM (Llama, Phi-3, ...). Labels are -100 outside answers, so 
 answer tokens. `generate` computes the image features once per request and hands `inputs_embeds` to the
 LLM's own `generate`, which keeps a KV cache.
 
-Named hook points (see `workbench.taps`): `stream_hooks[<stream>]` (taps `depth`, `prompt.<name>`),
-`fusion.hook_input` (`fusion.input`), `mm_projector` (`fusion.output`), the LLM decoder layers (`llm.layer{i}`).
+Named hook points (`tap_points()`, used by `workbench.taps`): the vision tower's stages and blocks,
+`stream_hooks[<stream>]` (taps `depth`, `prompt.<name>`), the per-prompt encoder layers
+(`prompt.<name>.layer{i}`), `fusion.hook_input` (`fusion.input`), `mm_projector` (`fusion.output`) and the
+LLM decoder layers (`llm.layer{i}`).
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from model.config import FlorenceVLConfig
 from model.fusion import DBFusion, Projector
 from model.hooks import HookPoint
+from model.sources import TapPoint
 from model.vision import Florence2DepthBreadth, set_activation_checkpointing
 
 
@@ -67,12 +73,21 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a directory in this project's layout, or an official one (Florence-2 remote-code or native,
-        Florence-VL LLaVA layout), which `model.convert` converts on the fly; hub ids need network access."""
-        from model.convert import is_official_checkpoint, load_official_model
+        """transformers' loader for a directory in this project's layout, with the prompt buffers restored.
 
-        if is_official_checkpoint(pretrained_model_name_or_path):
-            return load_official_model(pretrained_model_name_or_path, *args, **kwargs)
+        The one way to open any model directory (official Florence-2 / Florence-VL checkpoints, hub ids, other
+        transformers families) is `model.loading.load_model`; this alias refuses other layouts with that advice
+        instead of mis-reading them."""
+        config_file = Path(str(pretrained_model_name_or_path)) / "config.json"
+        if config_file.is_file():
+            try:
+                model_type = json.loads(config_file.read_text()).get("model_type")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                model_type = None
+            if model_type not in (None, FlorenceVLConfig.model_type):
+                raise ValueError(f"{pretrained_model_name_or_path} holds a {model_type!r} model, not this project's "
+                                 "layout; open it with model.loading.load_model(path), which converts official "
+                                 "checkpoints and wraps other families")
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         (model[0] if isinstance(model, tuple) else model).restore_buffers()  # tuple: output_loading_info=True
         return model
@@ -81,6 +96,32 @@ class FlorenceVLForConditionalGeneration(FlorenceVLPreTrainedModel):
         """Rebuild non-persistent buffers (the tokenised prompts), which loading leaves uninitialised."""
         if hasattr(self.vision_tower, "set_prompts") and self.config.prompt_token_ids:
             self.vision_tower.set_prompts(self.config.prompt_token_ids)
+
+    # ---- taps ---------------------------------------------------------------------------------------
+    def tap_points(self) -> dict[str, TapPoint]:
+        """Every named feature of this model with its hook point, in a stable order (`model.sources`)."""
+        has_global = not self.config.drop_global_token
+        vt = self.vision_tower
+        points = {name: TapPoint(module, "seq" if name.startswith("vision.layer") else "map",
+                                 has_global=name.startswith("vision.layer"))
+                  for name, module in vt.tap_modules().items()}
+        points["depth"] = TapPoint(self.stream_hooks["depth"], "tokens", has_global)
+        layer_points = vt.prompt_layer_points() if hasattr(vt, "prompt_layer_points") else {}
+        for name in self.stream_names[1:]:
+            points.update({tap: TapPoint(module, "tokens", has_global) for tap, module in layer_points.items()
+                           if tap.startswith(f"prompt.{name}.layer")})
+            points[f"prompt.{name}"] = TapPoint(self.stream_hooks[name], "tokens", has_global)
+        fused_kind = "seq" if self.config.fusion == "token" else "tokens"
+        points["fusion.input"] = TapPoint(self.fusion.hook_input, fused_kind, has_global)
+        points["fusion.output"] = TapPoint(self.mm_projector, fused_kind, has_global)
+        inner = getattr(self.language_model, "model", self.language_model)
+        for i, layer in enumerate(getattr(inner, "layers", [])):
+            points[f"llm.layer{i}"] = TapPoint(layer, "seq")
+        return points
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision part of the model, what every tap but `llm.*` needs (the feature-source protocol)."""
+        return self.get_image_features(pixel_values)
 
     # ---- embeddings plumbing (lets transformers resize / tie the LLM's embeddings) -------------
     def get_input_embeddings(self):

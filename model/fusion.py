@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from model.hooks import HookPoint
+from model.tokens import stream_slices
 
 
 class DBFusion(nn.Module):
@@ -37,7 +38,7 @@ class DBFusion(nn.Module):
 
     def stream_slices(self, width: int) -> dict[str, tuple[int, int]]:
         """Where each stream lies in `fusion.input` (channel slices; token slices for token concat)."""
-        return {name: (i * width, (i + 1) * width) for i, name in enumerate(self.stream_names)}
+        return stream_slices(self.stream_names, width)
 
 
 class Projector(nn.Module):

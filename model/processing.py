@@ -7,6 +7,14 @@
   directory for real ones (Phi-3.5, Llama-3.1, SmolLM2).
 * Conversation templates `plain`, `phi3`, `llama3` with label masks (loss only on answer tokens).
 
+Two token conventions (`FlorenceVLProcessor.convention`, saved in processor_config.json; docs/loading.md):
+* "project" - this project's own models: BOS before every non-llama3 prompt whenever the tokenizer has one,
+  an EOS after a `plain` answer (so a captioner learns to stop), square padding with round(255 * mean).
+* "official" - converted Florence-VL checkpoints, which must see what they were trained on (LLaVA's
+  `tokenizer_image_token` and `conversation.py`): BOS only where the tokenizer itself adds one (so Llama-3 gets
+  the tokenizer's BOS in front of the template's literal `<|begin_of_text|>`), no EOS after a `plain` answer,
+  Phi-3 turns joined as `<|end|>` + `\n<|user|>\n`, and LLaVA's square-pad colour int(255 * mean).
+
 The `<image>` placeholder is expanded by the processor into N image-token ids (N = image tokens the
 fusion produces), so the model replaces them one-to-one with projected features (`masked_scatter`).
 """
@@ -124,13 +132,24 @@ def build_florence2_tokenizer(corpus: Iterable[str] | None = None, vocab_size: i
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
-def expand_to_square(img: Image.Image) -> Image.Image:
+CONVENTIONS = ("project", "official")
+
+
+def square_fill(convention: str = "project") -> tuple[int, int, int]:
+    """The padding colour of `expand_to_square`: LLaVA's tuple(int(x * 255) for x in image_mean) for converted
+    official checkpoints, round(255 * mean) for this project's models (one unit brighter in R and B)."""
+    if convention == "official":
+        return tuple(int(x * 255) for x in IMAGENET_MEAN)
+    return tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, int, int] | None = None) -> Image.Image:
     """Pad to a square with the ImageNet mean colour, image centred (LLaVA's expand2square)."""
     w, h = img.size
     if w == h:
         return img
     side = max(w, h)
-    fill = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)
+    fill = fill or square_fill("project")
     out = Image.new("RGB", (side, side), fill)
     out.paste(img, ((side - w) // 2, (side - h) // 2))
     return out
@@ -161,24 +180,26 @@ class DecodedImageCache:
             self.nbytes += array.nbytes
 
 
-def _resized_uint8(src, size: int, pad_to_square: bool) -> np.ndarray:
+def _resized_uint8(src, size: int, pad_to_square: bool, fill: tuple[int, int, int] | None = None) -> np.ndarray:
     from workbench.data.images import load_image
 
     img = load_image(src)
     if pad_to_square:
-        img = expand_to_square(img)
+        img = expand_to_square(img, fill)
     return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.uint8)
 
 
 def preprocess_images(images: Sequence, size: int, pad_to_square: bool = False,
-                      cache: DecodedImageCache | None = None) -> torch.Tensor:
+                      cache: DecodedImageCache | None = None, fill: tuple[int, int, int] | None = None) -> torch.Tensor:
     """PIL images / paths -> normalised float tensor (B, 3, size, size); paths go through `cache` if given."""
     arrays = []
     for src in images:
         key = (str(src), size, pad_to_square) if cache is not None and isinstance(src, (str, Path)) else None
+        if key is not None and pad_to_square and fill is not None:
+            key = (*key, tuple(fill))
         array = cache.get(key) if key is not None else None
         if array is None:
-            array = _resized_uint8(src, size, pad_to_square)
+            array = _resized_uint8(src, size, pad_to_square, fill)
             if key is not None:
                 cache.put(key, array)
         arrays.append(array)
@@ -198,20 +219,25 @@ class Segment:
     train: bool  # True: the loss covers these tokens (answers)
 
 
-def template_segments(template: str, turns: Sequence[tuple[str, str | None]], eos: str) -> list[Segment]:
+def template_segments(template: str, turns: Sequence[tuple[str, str | None]], eos: str,
+                      convention: str = "project") -> list[Segment]:
     """Split a conversation into segments; only assistant answers are trained.
 
     `turns` is [(question, answer), ...]; the last answer may be None (a generation prompt ending with
     the assistant header). The `<image>` placeholder goes at the start of the first user turn.
+    `convention` "official" writes the text exactly as Florence-VL's `conversation.py` does (module docstring).
     """
     segs: list[Segment] = []
+    official = convention == "official"
     if template == "plain":
         # LLaVA pretraining: the human turn is dropped; <image> then the caption, "\n" as separator.
         answer = turns[0][1]
         segs.append(Segment(IMAGE_TOKEN, False))
         if answer is not None:
-            segs.append(Segment(answer + "\n" + eos, True))
+            segs.append(Segment(answer + "\n" + ("" if official else eos), True))
         return segs
+    if template == "phi3" and official:
+        return _official_phi3_segments(turns)
     for i, (q, a) in enumerate(turns):
         q = q.replace(IMAGE_TOKEN, "").strip()
         if i == 0:
@@ -230,6 +256,21 @@ def template_segments(template: str, turns: Sequence[tuple[str, str | None]], eo
         segs.append(Segment(head, False))
         if a is not None:
             segs.append(Segment(a + tail, True))
+    return segs
+
+
+def _official_phi3_segments(turns: Sequence[tuple[str, str | None]]) -> list[Segment]:
+    """Phi-3 as LLaVA's MPT-style `get_prompt` joins it: system + "<|end|>", then per turn
+    "\n<|user|>\n" + question + "<|end|>" + "\n<|assistant|>\n" + answer + "<|end|>"."""
+    segs = []
+    for i, (q, a) in enumerate(turns):
+        q = q.replace(IMAGE_TOKEN, "").strip()
+        if i == 0:
+            q = IMAGE_TOKEN + "\n" + q
+        head = (f"<|system|>\n{SYSTEM_PHI3}<|end|>" if i == 0 else "") + f"\n<|user|>\n{q}<|end|>\n<|assistant|>\n"
+        segs.append(Segment(head, False))
+        if a is not None:
+            segs.append(Segment(a + "<|end|>", True))
     return segs
 
 
@@ -271,7 +312,11 @@ class FlorenceVLProcessor:
     """Turns (images, conversations) into model inputs; saves and loads with the model."""
 
     def __init__(self, llm_tokenizer, florence2_tokenizer, image_size: int, num_image_tokens: int,
-                 template: str = "plain", pad_to_square: bool = False, max_length: int = 2048):
+                 template: str = "plain", pad_to_square: bool = False, max_length: int = 2048,
+                 convention: str = "project"):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention {convention!r} is not one of {', '.join(CONVENTIONS)}")
+        self.convention = convention
         self.llm_tokenizer = llm_tokenizer
         self.florence2_tokenizer = florence2_tokenizer
         self.image_size = image_size
@@ -285,7 +330,7 @@ class FlorenceVLProcessor:
 
     # -- images ---------------------------------------------------------------------------------
     def images(self, images: Sequence, cache: DecodedImageCache | None = None) -> torch.Tensor:
-        return preprocess_images(images, self.image_size, self.pad_to_square, cache)
+        return preprocess_images(images, self.image_size, self.pad_to_square, cache, square_fill(self.convention))
 
     # -- Florence-2 prompts ----------------------------------------------------------------------
     def prompt_ids(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,11 +346,11 @@ class FlorenceVLProcessor:
         return ids, mask
 
     # -- LLM text ------------------------------------------------------------------------------
-    def _encode_segments(self, segs: list[Segment]) -> tuple[list[int], list[int]]:
+    def _encode_segments(self, segs: list[Segment], template: str) -> tuple[list[int], list[int]]:
         tok = self.llm_tokenizer
         ids: list[int] = []
         labels: list[int] = []
-        if self.template != "llama3" and tok.bos_token_id is not None:
+        if self._starts_with_bos(template):
             ids.append(tok.bos_token_id)
             labels.append(IGNORE_INDEX)
         for seg in segs:
@@ -320,11 +365,22 @@ class FlorenceVLProcessor:
                     labels += piece if seg.train else [IGNORE_INDEX] * len(piece)
         return ids[: self.max_length], labels[: self.max_length]
 
+    def _starts_with_bos(self, template: str) -> bool:
+        """project: BOS before every non-llama3 prompt (the llama3 text carries `<|begin_of_text|>` itself);
+        official: BOS exactly when the tokenizer adds one, as LLaVA's `tokenizer_image_token` keeps it."""
+        tok = self.llm_tokenizer
+        if tok.bos_token_id is None:
+            return False
+        if self.convention == "official":
+            return tok("a")["input_ids"][:1] == [tok.bos_token_id]
+        return template != "llama3"
+
     def encode_conversation(self, turns: Sequence[tuple[str, str | None]], template: str | None = None):
         """-> (input_ids, labels) lists for one sample; labels are -100 outside the answers."""
         eos = self.llm_tokenizer.eos_token or ""
-        segs = template_segments(template or self.template, turns, eos)
-        return self._encode_segments(segs)
+        template = template or self.template
+        segs = template_segments(template, turns, eos, self.convention)
+        return self._encode_segments(segs, template)
 
     def encode_independent_turns(self, turns: Sequence[tuple[str, str]], template: str | None = None
                                  ) -> tuple[list[int], list[int], list[int]]:
@@ -413,7 +469,7 @@ class FlorenceVLProcessor:
         self.llm_tokenizer.save_pretrained(path / "llm_tokenizer")
         self.florence2_tokenizer.save_pretrained(path / "florence2_tokenizer")
         meta = dict(image_size=self.image_size, num_image_tokens=self.num_image_tokens, template=self.template,
-                    pad_to_square=self.pad_to_square, max_length=self.max_length)
+                    pad_to_square=self.pad_to_square, max_length=self.max_length, convention=self.convention)
         (path / "processor_config.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod

@@ -19,6 +19,8 @@ from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import Florence2MultiModalProjector, Florence2VisionBackbone
 
 from model.config import check_florence2_positions
+from model.hooks import HookPoint
+from model.tokens import split_prompts
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:
@@ -54,7 +56,11 @@ class Florence2DepthBreadth(nn.Module):
         ids, mask = self._pad_prompts(prompt_token_ids or {})
         self.register_buffer("prompt_ids", ids, persistent=False)
         self.register_buffer("prompt_mask", mask, persistent=False)
-        self.layout: tuple[int, int, int] | None = None  # (B, K, N) of the last forward, read by taps
+        # Hook points for the taps prompt.{name}.layer{i}: the batched encoder runs every prompt as its own
+        # rows, so each prompt's image positions after each layer are handed to a pass-through module.
+        n_layers = florence2_config.text_config.encoder_layers
+        self.layer_points = nn.ModuleDict({name: nn.ModuleList(HookPoint() for _ in range(n_layers))
+                                           for name in self.prompt_names})
         self._vision_checkpointing = False
 
     # ---- prompts ------------------------------------------------------------------------------
@@ -119,9 +125,16 @@ class Florence2DepthBreadth(nn.Module):
         prompt_mask = torch.ones_like(mask) if self.attend_prompt_pads else mask
         attn = torch.cat([torch.ones(k, n_img, dtype=mask.dtype, device=mask.device), prompt_mask], dim=1)
         attn = attn.unsqueeze(0).expand(bsz, k, n_img + length).reshape(bsz * k, -1)
-        self.layout = (bsz, k, n_img)
-        out = self.encoder(inputs_embeds=inputs, attention_mask=attn).last_hidden_state
-        return out[:, :n_img].reshape(bsz, k, n_img, dim)
+        names = [self.prompt_names[i] for i in idx]
+        hooked = any(point._forward_hooks for name in names for point in self.layer_points[name])
+        out = self.encoder(inputs_embeds=inputs, attention_mask=attn, output_hidden_states=hooked)
+        if hooked:  # hidden_states[0] is the input embedding; [i + 1] is the output of layer i
+            for i, hidden in enumerate(out.hidden_states[1:]):
+                per_prompt = split_prompts(hidden, k, n_img)
+                for j, name in enumerate(names):
+                    view = per_prompt[:, j, 1:] if self.drop_global_token else per_prompt[:, j]
+                    self.layer_points[name][i](view)
+        return split_prompts(out.last_hidden_state, k, n_img)
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         depth = self.depth(pixel_values)
@@ -153,8 +166,10 @@ class Florence2DepthBreadth(nn.Module):
             taps[f"vision.stage{s}"] = stage[len(stage) - 1]
         return taps
 
-    def encoder_layers(self) -> list[nn.Module]:
-        return list(self.encoder.layers)
+    def prompt_layer_points(self) -> dict[str, nn.Module]:
+        """`prompt.{name}.layer{i}` -> its hook point (image positions of prompt `name` after encoder layer i)."""
+        return {f"prompt.{name}.layer{i}": point for name in self.prompt_names
+                for i, point in enumerate(self.layer_points[name])}
 
 
 def _checkpointed(fn):

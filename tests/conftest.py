@@ -16,7 +16,7 @@ torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to ove
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of the tiny preset, random init, seed 0. Do not modify in tests."""
-    from model.builder import build_model
+    from model.loading import build_model
 
     return build_model("tiny", seed=0)
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from probes.alignment import (TextModelUnavailable, alignment_by_stream, alignment_curve, clip_loss, mean_pool,
+from model.tokens import to_vectors
+from probes.alignment import (TextModelUnavailable, alignment_by_stream, alignment_curve, clip_loss,
                               summary, text_features)
 
 
@@ -78,7 +79,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="mean-pool"):
         alignment_curve(v[:, :, None], t)
     tokens = np.arange(2 * 5 * 3, dtype=np.float32).reshape(2, 5, 3)
-    np.testing.assert_allclose(mean_pool(tokens), tokens[:, 1:].mean(1))  # global token left out
+    np.testing.assert_allclose(to_vectors(tokens), tokens[:, 1:].mean(1))  # global token left out
 
 
 def test_text_features_of_the_models_llm(tiny):
@@ -113,8 +114,8 @@ def test_minilm_text_side_or_install_hint():
 
 
 def test_fvl_align_end_to_end(tmp_path, capsys):
-    from model.builder import build_model, save_model
-    from workbench.capture import capture_dataset
+    from model.loading import build_model, save_model
+    from workbench.capturing import capture_dataset
     from workbench.cli import main
     from workbench.data.dataset import open_dataset
     from workbench.data.synth import synth_scenes
@@ -144,3 +145,77 @@ def test_fvl_align_end_to_end(tmp_path, capsys):
     assert main(["align", "--store", str(store), "--data", str(data), "--taps", "vision.stage0", "--steps", "5",
                  "--out", str(out)]) == 2
     assert "has no taps" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A tiny random LlamaForCausalLM and the project's offline tokenizer, saved as a hub-style directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.processing import build_llm_tokenizer
+
+    tok = build_llm_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_text_model_features_are_the_last_layer_mean_over_caption_tokens(tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.pipelines.aligning import text_model_features
+
+    texts = ["a red circle", "two blue squares at the top left"]
+    feats = text_model_features(texts, str(tiny_llama))
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    assert feats.shape == (2, 32)
+    for i, t in enumerate(texts):
+        ids = torch.tensor([tok(t)["input_ids"]])
+        with torch.no_grad():
+            hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        if ids[0, 0] == tok.bos_token_id:
+            hidden = hidden[1:]
+        np.testing.assert_allclose(feats[i], hidden.mean(0).numpy(), atol=1e-5)
+
+
+def test_fvl_align_compares_two_encoders_with_a_text_model(tmp_path, tiny_llama, capsys):
+    """Two stores over the same data (one whose features carry the caption's text features, one noise) are
+    scored on the same pairs and split; the JSON gives one held-out loss per store."""
+    from workbench.cli import main
+    from workbench.data.dataset import load_scenes
+    from workbench.data.synth import synth_scenes
+    from workbench.pipelines.aligning import text_model_features
+    from workbench.store import StoreWriter
+
+    data = tmp_path / "data"
+    synth_scenes(data, n=40, seed=1, image_size=64, workers=1, progress=False, log=None)
+    scenes = load_scenes(data)
+    text = text_model_features([r["detailed_caption"] for r in scenes], str(tiny_llama))
+    rng = np.random.default_rng(0)
+    signal = text @ rng.normal(size=(32, 24)) + 0.1 * rng.normal(size=(len(scenes), 24))
+    for name, feats in (("good", signal), ("noise", rng.normal(size=signal.shape))):
+        manifest = {"model_id": name, "dtype": "float32", "taps": {"vision.output": {"shape": [24]}}}
+        with StoreWriter(tmp_path / name, manifest) as w:
+            for r, f in zip(scenes, feats):
+                w.add(r["id"], {"vision.output": f.astype(np.float32)})
+    out = tmp_path / "align"
+    rc = main(["align", "--store", f"good={tmp_path / 'good'}", "--store", f"noise={tmp_path / 'noise'}",
+               "--text-model", str(tiny_llama), "--data", str(data), "--steps", "150", "--batch-size", "8",
+               "--lr", "0.01", "--out", str(out), "--json"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["text"] == f"model:{tiny_llama}" and printed["n_items"] == 40
+    loss = printed["held_out_loss"]
+    assert set(loss) == {"good", "noise"} and loss["good"] < loss["noise"] - 0.1
+    report = json.loads((out / "alignment.json").read_text())
+    good, noise = (report["results"][k]["all"] for k in ("good", "noise"))
+    assert good["n_eval"] == noise["n_eval"] and good["batch_size"] == noise["batch_size"]   # same split
+    assert main(["align", "--store", str(tmp_path / "good"), "--text-model", str(tmp_path / "nope"), "--data",
+                 str(data), "--out", str(out)]) == 2
+    assert "--text-model" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def build_run(run: Path, tiny=None, n: int = 30) -> Path:
         "tables": {"probe accuracy by encoder": [{"encoder": "florence2", "main_color": 0.9}, {"encoder": "clip", "main_color": 0.7}]},
         "cka": {"encoders": {"labels": ["florence2", "clip"], "matrix": [[1.0, 0.4], [0.4, 1.0]]}}}))
     if tiny is not None:
-        from model.builder import save_model
+        from model.loading import save_model
 
         save_model(tiny[0], tiny[1], run / "model")
     return run

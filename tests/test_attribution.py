@@ -27,14 +27,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny64():
     """Tiny preset at 64 px (5 image tokens): the same architecture, ~10x cheaper per forward."""
-    from model.builder import build_model
+    from model.loading import build_model
 
     return build_model("tiny", image_size=64, seed=0)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny64, tmp_path_factory):
-    from model.builder import save_model
+    from model.loading import save_model
 
     return save_model(*tiny64, tmp_path_factory.mktemp("attr") / "model")
 
@@ -121,6 +121,28 @@ def test_probe_target_matches_captured_tap_and_is_complete(tiny64, scene):
         ProbeScore(model, "depth", probe)(px)
 
 
+def test_probe_score_attributes_the_fitted_probe_itself(tiny64, scene):
+    """A LinearProbe fitted by the probe matrix's solver is what ProbeScore differentiates: its logit on
+    the pooled tap read by capture(detach=False) equals the probe's own decision function there."""
+    from probes.estimator import LinearProbe
+
+    model, processor = tiny64
+    px = processor.images([scene])
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(90, 64)).astype(np.float32)
+    y = np.array(["a", "b", "c"])[X[:, :3].argmax(1)]
+    probe = LinearProbe(C=1.0).fit(X, y)
+    score = ProbeScore(model, "prompt.ocr.layer0", probe, class_index=1)
+    with torch.no_grad(), capture(model, ["prompt.ocr.layer0"], pool="mean") as cache:
+        model.get_image_features(px)
+    pooled = cache["prompt.ocr.layer0"].double().numpy()
+    with torch.no_grad():
+        value = float(score(px)[0])
+    assert value == pytest.approx(float(probe.decision_function(pooled)[0, 1]), abs=1e-4)
+    res = pixel_attribution(model, px, score, steps=64, internal_batch_size=32)
+    assert np.abs(res.attributions).sum() > 0 and res.relative_delta < 0.1
+
+
 class _Region(nn.Module):
     """score = 2 * sum of channel-0 pixels in rows 0-7, columns 8-15: a known, linear answer."""
 
@@ -172,7 +194,7 @@ def test_fvl_attribute_end_to_end(tmp_path, model_dir, scene, capsys):
 
 
 def test_fvl_attribute_a_probe_fitted_on_a_store(tmp_path, tiny64, model_dir, capsys):
-    from workbench.capture import capture_dataset
+    from workbench.capturing import capture_dataset
     from workbench.cli import main
     from workbench.data.dataset import open_dataset
     from workbench.data.synth import synth_scenes
@@ -195,3 +217,26 @@ def test_fvl_attribute_a_probe_fitted_on_a_store(tmp_path, tiny64, model_dir, ca
     assert main(["attribute", "--model", str(model_dir), "--image", image, "--probe", "main_shape",
                  "--out", str(out)]) == 2
     assert "--store" in capsys.readouterr().err
+
+
+def test_fvl_attribute_reuses_a_saved_probe(tmp_path, model_dir, scene, capsys):
+    """`--probe-file` attributes a probe saved by `fvl probe --save-probes` as it is, without refitting."""
+    from probes.estimator import LinearProbe
+    from workbench.cli import main
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(60, 64)).astype(np.float32)
+    probe = LinearProbe().fit(X, np.where(X[:, 0] > 0, "yes", "no"))
+    saved = probe.save(tmp_path / "probes" / "prompt.ocr" / "flag", tap="prompt.ocr", label="flag", pool="mean")
+    image = tmp_path / "scene.png"
+    scene.save(image)
+    out = tmp_path / "attr"
+    assert main(["attribute", "--model", str(model_dir), "--image", str(image), "--probe-file", str(saved),
+                 "--probe-class", "yes", "--steps", "4", "--out", str(out), "--json"]) == 0
+    target = json.loads((out / "attribution.json").read_text())["pixels"]["target"]
+    assert (target["tap"], target["label"], target["class"], target["classes"]) == ("prompt.ocr", "flag", "yes",
+                                                                                     ["no", "yes"])
+    capsys.readouterr()
+    assert main(["attribute", "--model", str(model_dir), "--image", str(image), "--probe-file", str(tmp_path),
+                 "--out", str(out)]) == 2
+    assert "holds no saved probe" in capsys.readouterr().err

@@ -16,11 +16,12 @@ from safetensors.torch import save_file
 from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration, LlamaConfig, Phi3Config
 from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
 
-import model.convert as conv
-from model.builder import load_model
 from model.config import DEFAULT_PROMPTS, PRESETS, FlorenceVLConfig
-from model.convert import OFFICIAL_PROMPT_TOKEN_IDS, CheckpointError
 from model.florence_vl import FlorenceVLForConditionalGeneration
+from model.loading import CheckpointError, convert_checkpoint, detect_layout, load_florence2, load_model
+from model.loading.convert import TOWER_PREFIX
+from model.loading.florence2 import FLORENCE2_TEXT_VOCAB, OFFICIAL_PROMPT_TOKEN_IDS, infer_florence2_config
+from model.loading.weights import stored_dtype
 
 TINY_VISION = dict(PRESETS["tiny"]["vision"])
 TINY_BART = dict(d_model=64, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
@@ -113,7 +114,7 @@ def direct_florence_vl(llm: str) -> FlorenceVLForConditionalGeneration:
                                         "short_factor": [1.0] * 8})
                if llm == "phi3" else LlamaConfig(**LLM))
     if llm == "phi3":
-        vocab, prompt_ids = conv.FLORENCE2_TEXT_VOCAB, OFFICIAL_PROMPT_TOKEN_IDS
+        vocab, prompt_ids = FLORENCE2_TEXT_VOCAB, OFFICIAL_PROMPT_TOKEN_IDS
     else:
         from model.processing import build_florence2_tokenizer
 
@@ -162,7 +163,7 @@ def llava_state_dict(m: FlorenceVLForConditionalGeneration, with_tower: bool = T
     tower["vision_tower.norms.weight"] = torch.ones(TINY_VISION["embed_dim"][-1])
     tower["vision_tower.norms.bias"] = torch.zeros(TINY_VISION["embed_dim"][-1])
     if with_tower:
-        main.update({conv.TOWER_PREFIX + k: v for k, v in tower.items()})
+        main.update({TOWER_PREFIX + k: v for k, v in tower.items()})
     return main, tower
 
 
@@ -195,8 +196,8 @@ def write_llava_phi(tmp: Path, m) -> Path:
     main, _ = llava_state_dict(m)
     # like transformers' safetensors writer: tied tensors are stored once (here: only `shared`)
     for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        main.pop(conv.TOWER_PREFIX + "language_model.model." + k)
-    main.pop(conv.TOWER_PREFIX + "language_model.lm_head.weight")
+        main.pop(TOWER_PREFIX + "language_model.model." + k)
+    main.pop(TOWER_PREFIX + "language_model.lm_head.weight")
     keys = sorted(main)
     shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
               "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
@@ -208,11 +209,20 @@ def write_llava_phi(tmp: Path, m) -> Path:
     return d
 
 
-def write_llava_llama(tmp: Path, m, with_tower: bool = True, llm_tokenizer: bool = True) -> Path:
-    """8B-style: pytorch_model.bin, Florence-2 config + tokenizer in vision_tower/, LLM tokenizer at the top."""
+# What `named_parameters()` leaves out of the official stage-1 vision_tower/pytorch_model.bin: buffers (the cosine
+# table, BART's final_logits_bias) and the second and later names of tied weights.
+NOT_PARAMETERS = ("visual_temporal_embed.pos_idx_to_embed", "language_model.final_logits_bias",
+                  "language_model.model.encoder.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight",
+                  "language_model.lm_head.weight")
+
+
+def write_llava_llama(tmp: Path, m, with_tower: bool = True, llm_tokenizer: bool = True,
+                      parameters_only: bool = False, name: str = "florence-vl-8b-sft") -> Path:
+    """8B-style: pytorch_model.bin, Florence-2 config + tokenizer in vision_tower/, LLM tokenizer at the top.
+    parameters_only: the tower file as the official training script writes it (from named_parameters())."""
     from model.processing import build_florence2_tokenizer, build_llm_tokenizer
 
-    d = tmp / "florence-vl-8b-sft"
+    d = tmp / name
     (d / "vision_tower").mkdir(parents=True)
     (d / "config.json").write_text(json.dumps(llava_config(m, "llama", embed_florence2=False)))
     vocab = m.config.vision_config.text_config.vocab_size
@@ -221,6 +231,8 @@ def write_llava_llama(tmp: Path, m, with_tower: bool = True, llm_tokenizer: bool
         {"image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 128, "width": 128}, "do_center_crop": False,
          "size": {"height": 128, "width": 128}, "resample": 3, "image_seq_length": 17}))
     main, tower = llava_state_dict(m, with_tower=with_tower)
+    if parameters_only:
+        tower = {k: v for k, v in tower.items() if k not in NOT_PARAMETERS}
     torch.save(main, d / "pytorch_model.bin")
     if not with_tower:
         torch.save(tower, d / "vision_tower" / "pytorch_model.bin")
@@ -289,8 +301,8 @@ def florence2_dir(tmp_path_factory):
 
 def test_florence2_remote_layout_converts_to_native_exactly(florence2_dir):
     d, native = florence2_dir
-    assert conv.detect_layout(d) == "florence2-remote"
-    converted, tokenizer, report = conv.load_florence2(d)
+    assert detect_layout(d).kind == "florence2-remote"
+    converted, tokenizer, report = load_florence2(d)
     assert tokenizer is None
     # <image> added after the last row, vocabulary padded to a multiple of 64
     assert converted.config.image_token_id == 320
@@ -329,17 +341,17 @@ def test_fvl_convert_florence2_writes_native_layout(florence2_dir, tmp_path):
                            native.model.get_image_features(px).pooler_output)
     # wrong kind is refused with a clear message
     with pytest.raises(CheckpointError, match="not Florence-VL"):
-        conv.convert_checkpoint(d, tmp_path / "x", kind="florence-vl")
+        convert_checkpoint(d, tmp_path / "x", kind="florence-vl")
 
 
-def test_florence2_without_llm_is_refused_by_load_model(florence2_dir):
+def test_florence2_opens_as_feature_source_or_with_a_preset_llm(florence2_dir):
     d, _ = florence2_dir
-    with pytest.raises(CheckpointError, match="no LLM.*--llm-preset"):
-        load_model(d)
+    with pytest.raises(CheckpointError, match="preprocessor_config.json"):
+        load_model(d)  # a feature source preprocesses with the checkpoint's own image processor
     with pytest.raises(CheckpointError, match="tokenizer"):
-        conv.load_official(d, llm_preset="tiny")  # a toy vocabulary: the official prompt ids do not apply
+        load_model(d, llm_preset="tiny")  # a toy vocabulary: the official prompt ids do not apply
     ids = {"caption": [0, 7, 8, 2], "ocr": [0, 9, 2], "grounding": [0, 10, 11, 12, 2]}
-    model, processor = conv.load_official(d, llm_preset="tiny", prompt_token_ids=ids)
+    model, processor = load_model(d, llm_preset="tiny", prompt_token_ids=ids)
     assert "RANDOM-INIT" in " ".join(model.conversion_report.notes)
     with torch.no_grad():
         streams = model.image_streams(torch.randn(1, 3, 128, 128))
@@ -354,7 +366,7 @@ def test_unknown_remote_key_is_refused(tmp_path, florence2_dir):
     (tmp_path / "config.json").write_text((d / "config.json").read_text())
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="rel_bias"):
-        conv.load_florence2(tmp_path)
+        load_florence2(tmp_path)
 
 
 # =================================================================================================
@@ -362,9 +374,10 @@ def test_unknown_remote_key_is_refused(tmp_path, florence2_dir):
 # =================================================================================================
 def test_llava_phi_checkpoint_matches_direct_model(phi_model, tmp_path):
     d = write_llava_phi(tmp_path, phi_model)
-    assert conv.is_official_checkpoint(d)
-    assert conv.detect_layout(d) == "florence-vl-llava"
-    converted = FlorenceVLForConditionalGeneration.from_pretrained(d)
+    assert detect_layout(d).kind == "florence-vl-llava"
+    with pytest.raises(ValueError, match="load_model"):  # the model class opens only this project's layout
+        FlorenceVLForConditionalGeneration.from_pretrained(d)
+    converted, _ = load_model(d)
     cfg = converted.config
     assert cfg.text_config.model_type == "phi3"
     assert cfg.prompt_token_ids == OFFICIAL_PROMPT_TOKEN_IDS and cfg.attend_prompt_pads
@@ -382,7 +395,7 @@ def test_llava_phi_checkpoint_matches_direct_model(phi_model, tmp_path):
 
 def test_llava_llama_bin_with_tokenizers_and_576_tokens(llama_model, tmp_path):
     d = write_llava_llama(tmp_path, llama_model)
-    model, processor = load_model(d)  # builder dispatches to model.convert.load_official
+    model, processor = load_model(d)
     assert model.config.text_config.model_type == "llama" and model.config.template == "llama3"
     assert processor is not None and processor.template == "llama3"
     assert processor.image_token_id == model.config.image_token_id == 4  # the tokenizer's own <image>
@@ -390,18 +403,76 @@ def test_llava_llama_bin_with_tokenizers_and_576_tokens(llama_model, tmp_path):
     assert model.config.vision_config.text_config.vocab_size == 2048  # 2013 tokens padded to a multiple of 64
     assert any("tokenised with the checkpoint's Florence-2 tokenizer" in n for n in model.conversion_report.notes)
     assert_same_outputs(llama_model, model)
-    m576 = FlorenceVLForConditionalGeneration.from_pretrained(d, tokens=576)
+    m576, _ = load_model(d, tokens=576)
     assert m576.config.drop_global_token and m576.config.num_image_tokens() == 16
     assert_same_outputs(llama_model, m576, tokens=576)
 
 
 def test_stage1_layout_with_separate_vision_tower_weights(llama_model, tmp_path):
     d = write_llava_llama(tmp_path, llama_model, with_tower=False, llm_tokenizer=False)
-    model, processor = conv.load_official(d)
+    model, processor = load_model(d)
     assert processor is None
     assert any("no processor" in n for n in model.conversion_report.notes)
     assert any("Florence-2 weights read from" in n for n in model.conversion_report.notes)
     assert_same_outputs(llama_model, model)
+
+
+def test_stage1_tower_saved_from_named_parameters_converts_without_allow_missing(llama_model, tmp_path):
+    """The official stage-1 layout: the tower only in vision_tower/pytorch_model.bin, without buffers."""
+    d = write_llava_llama(tmp_path, llama_model, with_tower=False, parameters_only=True,
+                          name="florence-vl-8b-pretrain")
+    tower = torch.load(d / "vision_tower" / "pytorch_model.bin", weights_only=True)
+    assert not any(k.endswith(NOT_PARAMETERS) for k in tower)
+    model, processor = load_model(d)
+    report = model.conversion_report
+    assert report.missing == [] and len(report.rebuilt) == 1 and "visual_temporal_embed" in report.rebuilt[0]
+    assert any("final_logits_bias absent" in n for n in report.notes)
+    assert_same_outputs(llama_model, model)
+    # stage 1 was trained on the plain template, with the official token convention
+    assert model.config.template == "plain" and processor.convention == "official"
+    ids, labels = processor.encode_conversation([("", "a red circle")])
+    tok = processor.llm_tokenizer
+    assert tok.eos_token_id not in ids  # no EOS after the caption
+    assert ids[-1] == tok("\n", add_special_tokens=False)["input_ids"][-1]
+    out = tmp_path / "converted"
+    report = convert_checkpoint(d, out)
+    assert "visual_temporal_embed" in " ".join(json.loads((out / "conversion.json").read_text())["rebuilt"])
+    assert load_model(out)[1].convention == "official"  # the convention travels with the converted model
+
+
+def test_official_token_convention_matches_llava(tmp_path):
+    """BOS only where the tokenizer adds one; Llama-3's template keeps its literal <|begin_of_text|> after it;
+    Phi-3 turns joined as LLaVA's get_prompt joins them; the square-pad colour int(255 * mean)."""
+    from PIL import Image
+
+    from model.processing import FlorenceVLProcessor, build_florence2_tokenizer, build_llm_tokenizer, square_fill
+
+    llm, f2 = build_llm_tokenizer(), build_florence2_tokenizer()
+
+    def proc(tokenizer, template, convention):
+        return FlorenceVLProcessor(tokenizer, f2, image_size=32, num_image_tokens=2, template=template,
+                                   pad_to_square=True, convention=convention)
+
+    from tokenizers.processors import TemplateProcessing
+
+    no_bos = llm  # the in-process tokenizer adds no special tokens itself
+    with_bos = build_llm_tokenizer()
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert with_bos("a")["input_ids"][0] == 1 and no_bos("a")["input_ids"][0] != 1
+    begin = llm.convert_tokens_to_ids("<|begin_of_text|>")
+    assert proc(with_bos, "llama3", "official").encode_conversation([("Q?", None)])[0][:2] == [1, begin]
+    assert proc(no_bos, "llama3", "official").encode_conversation([("Q?", None)])[0][0] == begin
+    assert proc(with_bos, "phi3", "official").encode_conversation([("Q?", "A.")])[0][0] == 1
+    ids, _ = proc(no_bos, "phi3", "official").encode_conversation([("Q?", "A.")])
+    assert ids[0] != 1  # Phi-3: no BOS unless the tokenizer adds it
+    assert proc(no_bos, "phi3", "project").encode_conversation([("Q?", "A.")])[0][0] == 1
+    text = no_bos.decode(ids)
+    assert text.endswith("A.<|end|>") and "<|end|>\n<|assistant|>\n" in text and text.startswith("<|system|>")
+    assert square_fill("official") == (123, 116, 103) and square_fill("project") == (124, 116, 104)
+    wide = Image.new("RGB", (32, 16), (255, 255, 255))
+    px_official = proc(llm, "plain", "official").images([wide])
+    px_project = proc(llm, "plain", "project").images([wide])
+    assert not torch.equal(px_official[:, :, 0, 0], px_project[:, :, 0, 0])  # the padded corner differs
 
 
 def test_fvl_convert_writes_our_layout(phi_model, tmp_path):
@@ -413,7 +484,7 @@ def test_fvl_convert_writes_our_layout(phi_model, tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "florence_vl"
     assert json.loads((out / "conversion.json").read_text())["layout"] == "florence-vl-llava"
     model, _ = load_model(out)
-    assert not conv.is_official_checkpoint(out)
+    assert detect_layout(out).kind == "florence_vl"
     assert_same_outputs(phi_model, model)
 
 
@@ -423,19 +494,19 @@ def test_missing_and_unexpected_keys_are_refused(llama_model, tmp_path):
     sd.pop("model.layers.1.mlp.down_proj.weight")
     torch.save(sd, d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"missing tensors: language_model\.model\.layers\.1\.mlp\.down_proj"):
-        FlorenceVLForConditionalGeneration.from_pretrained(d)
-    partial = FlorenceVLForConditionalGeneration.from_pretrained(d, allow_missing=True)
+        load_model(d)
+    partial, _ = load_model(d, allow_missing=True)
     assert partial.conversion_report.missing == ["language_model.model.layers.1.mlp.down_proj.weight"]
     sd["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 128)
     sd["model.image_newline"] = torch.zeros(64)
     torch.save(sd, d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="unexpected.*image_newline"):
-        FlorenceVLForConditionalGeneration.from_pretrained(d)
+        load_model(d)
     sd.pop("model.image_newline")
     sd["model.mm_projector.encoder_mlp.0.weight"] = torch.zeros(64, 128)
     torch.save(sd, d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="projector takes 128 channels"):
-        FlorenceVLForConditionalGeneration.from_pretrained(d)
+        load_model(d)
 
 
 class _Payload:
@@ -448,7 +519,7 @@ def test_pickles_are_never_executed(tmp_path, capsys):
     with open(tmp_path / "pytorch_model.bin", "wb") as fh:
         pickle.dump({"x": _Payload()}, fh)
     with pytest.raises(CheckpointError, match="weights_only=True"):
-        conv.load_florence2(tmp_path)
+        load_florence2(tmp_path)
     assert "this must never run" not in capsys.readouterr().out
 
 
@@ -459,9 +530,8 @@ def test_hub_id_without_network_names_repo_and_local_fix(monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    assert conv.is_official_checkpoint("jiuhai/florence-vl-3b-sft")
     with pytest.raises(CheckpointError) as err:
-        FlorenceVLForConditionalGeneration.from_pretrained("jiuhai/florence-vl-3b-sft")
+        load_model("jiuhai/florence-vl-3b-sft")
     msg = str(err.value)
     assert "jiuhai/florence-vl-3b-sft" in msg and "--local-dir" in msg and "local directory" in msg
 
@@ -477,7 +547,7 @@ def test_hub_id_resolved_through_huggingface_hub(monkeypatch, phi_model, tmp_pat
         return str(d)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    model = FlorenceVLForConditionalGeneration.from_pretrained("jiuhai/florence-vl-3b-sft")
+    model, _ = load_model("jiuhai/florence-vl-3b-sft")
     assert calls == [("jiuhai/florence-vl-3b-sft", True)]  # the local cache is tried first
     assert model.config.text_config.model_type == "phi3"
 
@@ -494,15 +564,15 @@ def test_real_size_florence2_config_is_inferred_from_shapes():
     for i in range(12):
         sd[f"model.language_model.encoder.layers.{i}.fc1.weight"] = torch.empty(1)
     sd["model.language_model.shared.weight"] = torch.empty(51289, 1)
-    cfg = conv.infer_florence2_config(sd)
+    cfg = infer_florence2_config(sd)
     assert cfg["vision_config"]["num_heads"] == (8, 16, 32, 64) and cfg["text_config"]["encoder_attention_heads"] == 16
     assert cfg["text_config"]["vocab_size"] == 51289
     sd["model.multi_modal_projector.image_projection.weight"] = torch.empty(512, 2048)
-    assert conv.infer_florence2_config(sd) is None
+    assert infer_florence2_config(sd) is None
 
 
 def test_dtype_defaults_to_the_stored_one(phi_model, tmp_path):
-    assert conv.stored_dtype({"a": torch.zeros(10, dtype=torch.bfloat16), "b": torch.zeros(3),
+    assert stored_dtype({"a": torch.zeros(10, dtype=torch.bfloat16), "b": torch.zeros(3),
                               "i": torch.zeros(50, dtype=torch.long)}) == torch.bfloat16
     d = write_llava_phi(tmp_path, phi_model)
     index = json.loads((d / "model.safetensors.index.json").read_text())
@@ -510,6 +580,6 @@ def test_dtype_defaults_to_the_stored_one(phi_model, tmp_path):
 
     for shard in set(index["weight_map"].values()):  # a bf16 release, like the official SFT shards
         save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(d / shard)).items()}, str(d / shard))
-    model = FlorenceVLForConditionalGeneration.from_pretrained(d)
+    model, _ = load_model(d)
     assert model.language_model.lm_head.weight.dtype == torch.bfloat16 and model.vision_dtype == torch.bfloat16
-    assert FlorenceVLForConditionalGeneration.from_pretrained(d, dtype="float32").vision_dtype == torch.float32
+    assert load_model(d, dtype="float32")[0].vision_dtype == torch.float32

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.cycle_contrast import MemoryBank, cycle_loss, intra_video_infonce, train_cycle_contrast
+from model.training.cycle_contrast import MemoryBank, cycle_loss, intra_video_infonce, train_cycle_contrast
 from model.encoders import build_encoder
 from workbench.data.videos import make_videos
 

@@ -403,6 +403,23 @@ def test_open_llava_and_folder(synth_dir, tmp_path):
         open_dataset(tmp_path / "missing")
 
 
+def test_heatmap_figures_never_overwrite_another_data_set(synth_dir, tmp_path, capsys):
+    before = _snapshot(synth_dir)
+    assert fvl(["heatmap", "figures", "--out", str(synth_dir), "--n", "4", "--size", "32"]) == 2
+    assert "does not hold stick figures" in capsys.readouterr().err
+    assert _snapshot(synth_dir) == before  # its manifest.json and images are untouched
+    figs = tmp_path / "figs"
+    assert fvl(["heatmap", "figures", "--out", str(figs), "--n", "4", "--size", "32"]) == 0
+    first = _snapshot(figs)
+    assert fvl(["heatmap", "figures", "--out", str(figs), "--n", "4", "--size", "32"]) == 0  # same arguments
+    assert _snapshot(figs) == first
+    capsys.readouterr()
+    assert fvl(["heatmap", "figures", "--out", str(figs), "--n", "6", "--size", "32"]) == 2
+    assert "n=4 (now 6)" in capsys.readouterr().err and _snapshot(figs) == first
+    assert fvl(["data", "synth", "--out", str(figs), "--n", "2", "--image-size", "64", "--quiet"]) == 2
+    assert "another kind of data set" in capsys.readouterr().err and _snapshot(figs) == first
+
+
 # ----------------------------------------------------------------------------- LLaVA files
 
 

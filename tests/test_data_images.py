@@ -1,7 +1,10 @@
-"""The robust image loader on bad and odd inputs made in the test, and the packaged photos."""
+"""The robust image loader on bad and odd inputs made in the test, the packaged photos, and real
+data set formats (Hugging Face image folders with metadata, COCO captions, LLaVA with an image
+folder) built from tiny generated images, with missing and broken files among them."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -144,3 +147,167 @@ def test_packaged_images_are_real_photos():
     assert packaged_image("grace_hopper").size == (512, 600)
     with pytest.raises(ImageError, match="no packaged image named 'nope'"):
         packaged_image("nope")
+
+
+# ----------------------------------------------------------------------------- real data set formats
+
+
+def _write_png(path, colour: int, size: int = 24):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.zeros((size, size, 3), np.uint8)
+    arr[..., colour % 3] = 200 + colour
+    Image.fromarray(arr).save(path)
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_image_folder_with_metadata_gives_labels_splits_captions_and_lazy_failures(tmp_path):
+    from workbench.data import DatasetError, open_dataset
+
+    root = tmp_path / "hf"
+    for k in range(4):
+        split = "train" if k < 3 else "validation"
+        _write_png(root / split / f"img{k}.png", k)
+    _write_png(root / "train" / "unlisted.png", 9)  # not in the metadata: not an item, as in `datasets`
+    _jsonl(root / "train" / "metadata.jsonl", [
+        {"file_name": f"img{k}.png", "colour": ["red", "green", "blue"][k], "score": k, "caption": f"picture {k}",
+         "objects": {"bbox": [[0, 0, 1, 1]]}} for k in range(3)] + [
+        {"file_name": "gone.png", "colour": "red", "score": 7, "caption": "a missing picture"}])
+    (root / "validation" / "metadata.csv").write_text("file_name,colour,score\nimg3.png,red,3\n")
+    ds = open_dataset(root)
+    assert ds.kind == "folder" and ds.ids == sorted(["train/img0.png", "train/img1.png", "train/img2.png",
+                                                     "train/gone.png", "validation/img3.png"])
+    first = ds[ds.index_of("train/img1.png")]
+    assert first.labels == {"colour": "green", "score": 1, "caption": "picture 1"}  # the nested column is dropped
+    assert first.split == "train" and first.captions == ("picture 1",)
+    assert ds[ds.index_of("validation/img3.png")].split == "val" and ds.splits == ["train", "val"]
+    assert ds[ds.index_of("validation/img3.png")].labels == {"colour": "red", "score": 3}  # CSV numbers typed
+    assert ds.labels("colour").count("red") == 3 and set(ds.label_names) == {"colour", "score", "caption"}
+    # the listed but missing image is an item that fails when loaded, naming its path
+    gone = ds.index_of("train/gone.png")
+    with pytest.raises(ImageError, match=r"train/gone.png does not exist"):
+        ds.load(gone)
+    assert [it.id for it in ds.missing()] == ["train/gone.png"]
+    # the metadata file names its folder
+    assert open_dataset(root / "train" / "metadata.jsonl").ids == ["gone.png", "img0.png", "img1.png", "img2.png"]
+
+    bad = tmp_path / "bad"
+    _write_png(bad / "a.png", 0)
+    (bad / "metadata.jsonl").write_text('{"file_name": "a.png"}\n{"label": 1}\n')
+    with pytest.raises(DatasetError, match=r"metadata.jsonl: line 2 has no \"file_name\""):
+        open_dataset(bad)
+    (bad / "metadata.jsonl").write_text('{"file_name": "a.png"\n')
+    with pytest.raises(DatasetError, match=r"metadata.jsonl: line 1, column \d+: invalid JSON"):
+        open_dataset(bad)
+    (bad / "metadata.jsonl").write_text('{"file_name": "elsewhere/a.png"}\n')
+    with pytest.raises(DatasetError, match="none of its 1 images exist"):
+        open_dataset(bad)
+
+
+def test_image_folder_without_metadata_labels_by_subfolder(tmp_path):
+    from workbench.data import open_dataset
+
+    for k, name in enumerate(["cat/1.png", "cat/2.png", "dog/3.png", "test/dog/4.png"]):
+        _write_png(tmp_path / name, k)
+    ds = open_dataset(tmp_path)
+    assert [(it.id, it.labels.get("label"), it.split) for it in ds] == [
+        ("cat/1.png", "cat", None), ("cat/2.png", "cat", None), ("dog/3.png", "dog", None),
+        ("test/dog/4.png", "dog", "test")]
+    _write_png(tmp_path / "loose.png", 5)  # one image outside any class folder: no folder labels at all
+    assert open_dataset(tmp_path).label_names == []
+
+
+def _coco(tmp_path, images, annotations, name="captions", **extra):
+    path = tmp_path / "annotations" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"info": {}, "images": images, "annotations": annotations, **extra}))
+    return path
+
+
+def test_coco_captions_and_instances(tmp_path):
+    from workbench.data import DatasetError, open_dataset
+
+    folder = tmp_path / "val2017"
+    for k in (1, 2):
+        _write_png(folder / f"{k:012d}.jpg".replace(".jpg", ".png"), k)
+    images = [{"id": k, "file_name": f"{k:012d}.png", "width": 24, "height": 24} for k in (1, 2, 3)]
+    anns = [{"id": 11, "image_id": 1, "caption": " second by id "}, {"id": 5, "image_id": 1, "caption": "first"},
+            {"id": 12, "image_id": 2, "caption": "only one"}]
+    path = _coco(tmp_path, images, anns)
+    with pytest.raises(DatasetError, match="none of its 3 images exist.*--image-folder"):
+        open_dataset(path)  # the default folder (the JSON's own) holds none of them
+    ds = open_dataset(path, image_folder=folder)
+    assert ds.kind == "coco" and ds.ids == ["1", "2", "3"]
+    assert ds[0].captions == ("first", "second by id") and ds.captions() == {"1": "first", "2": "only one"}
+    assert ds.load(1).size == (24, 24)
+    with pytest.raises(ImageError, match="000000000003.png does not exist"):
+        ds.load(2)  # listed, missing: fails on load, not up front
+    from workbench.pipelines.aligning import read_captions  # what `fvl align --data` pairs with the features
+
+    assert read_captions(str(path), image_folder=str(folder)) == {"1": "first", "2": "only one"}
+
+    inst = _coco(tmp_path, images[:2], name="instances", annotations=[
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 2, 2]},
+        {"id": 2, "image_id": 1, "category_id": 4, "bbox": [0, 0, 5, 5]},
+        {"id": 3, "image_id": 2, "category_id": 3, "bbox": [1, 1, 3, 3]}],
+        categories=[{"id": 3, "name": "cat"}, {"id": 4, "name": "dog"}])
+    ds = open_dataset(inst, image_folder=folder)
+    assert [it.labels for it in ds] == [{"category": "dog", "n_objects": 2}, {"category": "cat", "n_objects": 1}]
+
+    dangling = _coco(tmp_path, images[:1], [{"id": 1, "image_id": 99, "caption": "x"}], name="dangling")
+    with pytest.raises(DatasetError, match="image_id 99, which is not in \"images\""):
+        open_dataset(dangling, image_folder=folder)
+    other = tmp_path / "other.json"
+    other.write_text('{"images": []}')
+    with pytest.raises(DatasetError, match="neither COCO"):
+        open_dataset(other)
+    with pytest.raises(DatasetError, match="--image-folder .*nowhere does not exist"):
+        open_dataset(path, image_folder=tmp_path / "nowhere")
+
+
+def _llava_with_bad_items(tmp_path):
+    folder = tmp_path / "images"
+    for k in range(3):
+        _write_png(folder / f"ok{k}.png", k)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "A square."}]
+    rows = [{"id": f"s{k}", "image": f"ok{k}.png", "conversations": turns} for k in range(3)]
+    rows += [{"id": "m1", "image": "missing1.png", "conversations": turns},
+             {"id": "m2", "image": "sub/missing2.png", "conversations": turns},
+             {"id": "b", "image": "broken.png", "conversations": turns}]
+    path = tmp_path / "llava" / "train.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(rows))
+    return path, folder
+
+
+def test_llava_with_image_folder_keeps_missing_images_as_items(tmp_path):
+    from workbench.data import DatasetError, open_dataset
+
+    path, folder = _llava_with_bad_items(tmp_path)
+    with pytest.raises(DatasetError, match="none of its 6 images exist.*--image-folder"):
+        open_dataset(path)
+    ds = open_dataset(path, image_folder=folder)
+    assert len(ds) == 6 and sorted(it.id for it in ds.missing()) == ["m1", "m2"]
+    assert ds.captions()["s0"] == "A square."
+
+
+def test_fvl_data_check_lists_every_bad_item(tmp_path, capsys):
+    from workbench.cli import main as fvl
+
+    path, folder = _llava_with_bad_items(tmp_path)
+    assert fvl(["data", "check", str(path), "--image-folder", str(folder), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 6 and sorted(b["id"] for b in report["bad"]) == ["b", "m1", "m2"]
+    assert fvl(["data", "check", str(path), "--image-folder", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "3 of 6 images load; 3 bad" in out and "missing2.png does not exist" in out and "b: " in out
+    # a wrong image folder: every item is listed, then the likely cause
+    assert fvl(["data", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "0 of 6 images load" in out and "pass --image-folder" in out
+    assert fvl(["data", "info", str(path), "--image-folder", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "llava" and info["n"] == 6 and info["missing_images"] == 2 and info["with_captions"] == 6

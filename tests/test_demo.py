@@ -12,7 +12,7 @@ from workbench.cli import main
 def _fake_steps(calls: list[str], fail_at: str | None = None):
     """Three cheap steps with the real Step/run_demo machinery: each writes its output file and appends to
     a work file (which a rerun with other settings must clean, and a resumed run must keep)."""
-    from workbench.demo import Step
+    from workbench.pipelines.demo import Step
 
     def make(name: str):
         def run(ctx):
@@ -29,7 +29,7 @@ def _fake_steps(calls: list[str], fail_at: str | None = None):
 
 
 def test_pipeline_skips_complete_steps_and_resumes_after_an_interruption(tmp_path):
-    from workbench.demo import DemoSettings, run_demo
+    from workbench.pipelines.demo import DemoSettings, run_demo
 
     calls: list[str] = []
     with pytest.raises(KeyboardInterrupt):

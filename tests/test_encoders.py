@@ -5,17 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.encoders import (
-    ENCODERS,
-    VisionEncoder,
-    as_pixel_values,
-    build_encoder,
-    evaluate_supervised,
-    load_encoder,
-    save_encoder,
-    train_clip_style,
-    train_supervised,
-)
+from model.encoders import ENCODERS, VisionEncoder, as_pixel_values, build_encoder, load_encoder, save_encoder
+from model.training.encoder_objectives import evaluate_supervised, train_clip_style, train_supervised
 from workbench.data.videos import make_videos
 
 KINDS = ["clip", "cvt", "davit", "cycle"]
@@ -201,3 +192,14 @@ def test_train_clip_style_lowers_the_loss(tiny_images):
         assert all(0 < t <= 1.0 for t in hist["temperature"])
     with pytest.raises(ValueError, match="captions"):
         train_clip_style(_small_clip(), images, captions[:-1], steps=1, progress=False)
+
+
+def test_pool_tokens_poolings_are_the_shared_ones():
+    from model.encoders import pool_tokens
+
+    x = torch.randn(3, 17, 8)
+    assert torch.equal(pool_tokens(x, "mean"), x.mean(1))  # every token, the global one included
+    assert torch.equal(pool_tokens(x, "global"), x[:, 0])
+    assert torch.allclose(pool_tokens(x, "patch_mean"), x[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="pooling='max' is unknown"):
+        pool_tokens(x, "max")

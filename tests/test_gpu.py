@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.device import (apply_attn_implementation, choose_attn_implementation, choose_dtype, flash_attn_available,
-                          parse_dtype, resolve_device)
+from model.device import (apply_attn_implementation, check_device_text, check_dtype_text, choose_attn_implementation,
+                          choose_dtype, flash_attn_available, parse_dtype, resolve_device, resolve_dtype)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,7 @@ def test_cpu_choices_never_look_for_flash_attn(monkeypatch):
 
 def test_cuda_choices_with_and_without_flash_attn(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     found = {"flash_attn": object()}
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: found.get(name))
@@ -53,6 +54,72 @@ def test_unavailable_cuda_and_bad_dtype_are_clear_errors(monkeypatch):
     assert parse_dtype("bf16") == torch.bfloat16 and parse_dtype("auto") is None
     with pytest.raises(ValueError, match="unknown dtype"):
         parse_dtype("float8")
+
+
+def test_device_and_dtype_options_are_parsed_in_one_place(monkeypatch):
+    assert check_device_text("cuda:3") == "cuda:3" and check_dtype_text("bfloat16") == "bfloat16"
+    for bad in ("gpu", "cuda:", "mps", "CPU", ""):
+        with pytest.raises(ValueError, match=r"--device .*choose auto, cpu, cuda or cuda:N"):
+            check_device_text(bad)
+    with pytest.raises(ValueError, match=r"--dtype int8: not a dtype; choose auto, float32, bfloat16, float16"):
+        check_dtype_text("int8")
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16 and resolve_dtype("float16", "cpu") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_dtype("auto", "auto") == torch.float32
+    with pytest.raises(ValueError, match="--device cuda:0: CUDA was requested but CUDA is not available"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\); choose cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+def _generate(capsys, *extra):
+    from workbench.cli import main
+
+    rc = main(["generate", "--preset", "tiny", "--image", "packaged:grace_hopper", "--max-new-tokens", "3", *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_generate_runs_on_the_device_and_dtype_asked_for(capsys):
+    """On this machine's hardware, whatever it is: auto picks CUDA where present and the CPU elsewhere;
+    an explicit cuda runs there or is refused by name on a CPU-only machine (no skip either way)."""
+    rc, out, _ = _generate(capsys, "--json", "--device", "auto")
+    assert rc == 0
+    result = json.loads(out)
+    assert result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert result["dtype"] == str(choose_dtype(result["device"])).replace("torch.", "")
+    rc, out, err = _generate(capsys, "--json", "--device", "cuda", "--dtype", "float32")
+    if torch.cuda.is_available():
+        assert rc == 0 and json.loads(out)["device"] == "cuda" and json.loads(out)["dtype"] == "float32"
+    else:
+        assert rc == 2 and "--device cuda: CUDA was requested but CUDA is not available" in err
+    rc, out, _ = _generate(capsys, "--json", "--device", "cpu", "--dtype", "bfloat16")
+    assert rc == 0 and json.loads(out)["device"] == "cpu" and json.loads(out)["dtype"] == "bfloat16"
+    rc, _, err = _generate(capsys, "--device", "gpu")
+    assert rc == 2 and "--device gpu: not a device" in err and "Traceback" not in err
+
+
+def test_generate_refuses_more_new_tokens_than_the_position_table_holds(capsys, tmp_path):
+    from PIL import Image
+
+    from model.presets import PRESETS
+    from workbench.cli import main
+
+    rc, _, err = _generate(capsys, "--max-new-tokens", "100000")
+    limit = PRESETS["tiny"]["llm"]["max_position_embeddings"]
+    assert rc == 2 and f"--max-new-tokens 100000: the model's position table holds {limit} positions" in err
+    room = int(err.split("choose at most ")[1].split()[0])
+    rc, _, _ = _generate(capsys, "--max-new-tokens", str(room + 1))
+    assert rc == 2  # one past the room is refused; the room itself fits (not generated here: slow)
+    Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    assert main(["generate", "--preset", "tiny", "--image", str(tmp_path / "tiny.png")]) == 2
+    err = capsys.readouterr().err
+    assert "4x4 pixels" in err and "use a larger image" in err and "min_side" not in err  # no flag it lacks
 
 
 def test_flash_request_falls_back_to_sdpa_and_keeps_davit_off_flash(tiny):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.builder import build_model, load_model, save_model
+from model.loading import build_model, load_model, save_model
 from model.config import DEFAULT_PROMPTS
 from model.reference import native_from_extractor, naive_streams
 
@@ -221,3 +221,24 @@ def test_decoded_image_cache_gives_identical_pixels_and_respects_its_bound(rgb_i
     assert len(cache) == 2 and cache.nbytes == 2 * 48 * 48 * 3
     small = DecodedImageCache(max_bytes=48 * 48 * 3)  # room for one image: the second is decoded each time
     assert torch.equal(preprocess_images(paths, 48, cache=small), reference) and len(small) == 1
+
+
+def test_from_pretrained_is_a_thin_alias_for_this_projects_layout(tiny, tmp_path, rgb_images):
+    """`load_model` is the one way in; the model class's own from_pretrained still opens our layout (prompt
+    buffers restored) and refuses any other with a pointer to load_model."""
+    from model.florence_vl import FlorenceVLForConditionalGeneration
+
+    model, processor = tiny
+    save_model(model, processor, tmp_path / "m")
+    again = FlorenceVLForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(again.vision_tower.prompt_ids, model.vision_tower.prompt_ids)
+    px = processor.images(rgb_images[:1])
+    with torch.no_grad():
+        assert torch.equal(again.get_image_features(px), model.get_image_features(px))
+    loaded, loaded_processor = load_model(tmp_path / "m", dtype="bfloat16")
+    assert loaded.vision_dtype == torch.bfloat16 and loaded_processor.convention == "project"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    with pytest.raises(ValueError, match="load_model"):
+        FlorenceVLForConditionalGeneration.from_pretrained(other)

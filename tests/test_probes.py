@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from probes.contributions import shapley_from_table, shapley_values
-from probes.linear import _splits, control_labels, detect_task, grouped_kfold, probe, probe_matrix
+from probes.folds import control_labels, cv_splits, detect_task, grouped_kfold
+from probes.linear import probe, probe_matrix
 from probes.projection import embed_2d, otsu_threshold, pca_rgb, pca_rgb_many
 from probes.similarity import cka, cka_matrix, difference_maps, minibatch_cka, split_global, token_cosine_map
 
@@ -78,7 +79,7 @@ def test_grouped_folds_never_split_a_group():
         seen[te] += 1
     assert np.all(seen == 1)
     assert [list(te) for _, te in folds] == [list(te) for _, te in grouped_kfold(groups, 5, seed=2, strata=strata)]
-    train, evals, _ = _splits(groups, strata, 5, "inner", 0)
+    train, evals, _ = cv_splits(groups, strata, 5, "inner", 0)
     for s in range(train.shape[0]):
         assert not set(groups[train[s]]) & set(groups[evals[s]])
     for f in range(5):  # inner split f lies inside outer fold f's training rows
@@ -194,7 +195,7 @@ def test_batched_lbfgs_memory_gives_each_problem_its_own_direction():
     problem, the textbook two-loop direction over the pairs that problem kept among the last m."""
     import torch
 
-    from probes.solver import _Memory
+    from probes.lbfgs import _Memory
 
     torch.manual_seed(0)
     P, N, m = 3, 7, 4
@@ -419,7 +420,8 @@ def test_newton_start_lands_near_the_optimum_of_a_nearly_quadratic_problem():
     nearly quadratic (strong penalty), for binary and multinomial targets."""
     import torch
 
-    from probes.solver import batched_lbfgs, logistic_bucket, make_design
+    from probes.lbfgs import batched_lbfgs
+    from probes.solver import logistic_bucket, make_design
 
     for k in (2, 4):
         X, y = planted(n=400, d=12, k=k, strength=1.0, seed=k)
@@ -450,7 +452,8 @@ def test_lbfgs_keeps_learning_curvature_near_the_optimum():
     iterations, unconverged, for this 4-class problem at tol 1e-8 before; L-BFGS needs under 30)."""
     import torch
 
-    from probes.solver import batched_lbfgs, logistic_bucket, make_design
+    from probes.lbfgs import batched_lbfgs
+    from probes.solver import logistic_bucket, make_design
 
     X, y = planted(n=400, d=12, k=4, strength=1.0, seed=4)
     train = torch.ones(1, 400, dtype=torch.bool)
@@ -460,3 +463,71 @@ def test_lbfgs_keeps_learning_curvature_near_the_optimum():
                          torch.tensor([1e-3], dtype=torch.float64))
     _, info = batched_lbfgs(pb.fun, torch.zeros(pb.P, pb.K, 13, dtype=torch.float64), tol=1e-8)
     assert info["converged"] == 1.0 and info["n_iter"] < 30, info
+
+
+# --------------------------------------------------------------------------- the estimator
+def test_linear_probe_estimator_matches_sklearn_and_is_reusable(tmp_path):
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from probes.estimator import LinearProbe
+
+    rng = np.random.default_rng(0)
+    for k in (2, 4):
+        X, y = planted(n=300, d=12, k=k, strength=1.5, seed=k)
+        X = X * np.arange(1, 13) + 5.0                      # unequal scales and an offset: standardisation matters
+        ours = LinearProbe(C=0.5, max_iter=500, tol=1e-6).fit(X, np.array(["lo", "mid", "hi", "top"])[y])
+        ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=5000, tol=1e-8)).fit(
+            X, np.array(["lo", "mid", "hi", "top"])[y])
+        assert list(ours.classes_) == list(ref.classes_) and ours.coef_.shape == (1 if k == 2 else k, 12)
+        np.testing.assert_allclose(ours.predict_proba(X), ref.predict_proba(X), atol=2e-3)
+        assert (ours.predict(X) == ref.predict(X)).mean() >= 0.99
+        assert ours.score(X, ref.predict(X)) >= 0.99
+    # scikit-learn's machinery works on it, and a saved probe predicts the same after loading
+    assert clone(ours).get_params()["C"] == 0.5
+    assert cross_val_score(LinearProbe(C=1.0), X, y, cv=3).mean() > 0.5
+    loaded = LinearProbe.load(ours.save(tmp_path / "probe"))
+    np.testing.assert_array_equal(loaded.predict(X), ours.predict(X))
+    with pytest.raises(ValueError, match="1 class"):
+        LinearProbe().fit(X, np.zeros(len(X)))
+    with pytest.raises(ValueError, match="features"):
+        ours.decision_function(X[:, :5])
+
+
+def test_probe_matrix_device_choice_and_progress(capsys):
+    import torch
+
+    from probes.linear import resolve_device
+
+    X, y = planted(n=120, d=8)
+    r = probe(X, y, device="auto", **FAST)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert r.solver["device"].startswith(expected)
+    assert resolve_device("cpu").type == "cpu"
+    if torch.cuda.is_available():   # float32 on the GPU: the same accuracy as the CPU
+        cpu = probe(X, y, device="cpu", **FAST)
+        assert abs(cpu.score_mean - r.score_mean) <= 0.01
+    else:
+        with pytest.raises(ValueError, match="CUDA device"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        resolve_device("tpu")
+
+
+def test_token_maps_are_pooled_as_at_capture_time():
+    """probe_matrix pools stored token maps with model.tokens.to_vectors: the global token is left out of
+    the mean exactly when the tap has one."""
+    from model.tokens import to_vectors
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 80)
+    tokens = rng.normal(size=(80, 5, 6)).astype(np.float32)
+    tokens[:, 0, 0] += 12.0 * y                 # the label lives in the global token only
+    kw = dict(Cs=(1.0,), n_folds=4, progress=False, control=False)
+    with_global = probe_matrix({"t": tokens}, {"y": y}, has_global=False, **kw)[("t", "y")]
+    without = probe_matrix({"t": tokens}, {"y": y}, has_global={"t": True}, **kw)[("t", "y")]
+    assert with_global.score_mean > 0.9 and without.score_mean < 0.75
+    np.testing.assert_allclose(to_vectors(tokens, has_global=True), tokens[:, 1:].mean(1), rtol=1e-6)

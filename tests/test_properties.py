@@ -251,3 +251,21 @@ def test_pooling_sequences_respects_the_mask(b, t, h, seed):
     for i in range(b):
         assert torch.allclose(pooled[i], x[i, : lengths[i]].mean(dim=0), atol=1e-6)
     assert torch.equal(pool_tensor(x, "seq", "global"), x[:, 0])
+
+
+@FAST
+@given(shapes, st.booleans(), st.sampled_from(["mean", "global"]), st.integers(0, 2**16))
+def test_stored_features_pool_later_as_at_capture(shape, has_global, how, seed):
+    """An analysis pooling a stored token map or spatial map (`model.tokens.to_vectors`, numpy in) gets the
+    numbers capture-time pooling (`pool_tensor`) would have stored."""
+    from model.tokens import to_vectors
+
+    b, d, side = shape
+    tokens = _rand((b, side * side + (1 if has_global else 0), d), seed)
+    expect = pool_tensor(tokens, "tokens", how, has_global)
+    assert torch.allclose(torch.from_numpy(to_vectors(tokens.numpy(), has_global, how)), expect, atol=1e-6)
+    maps = _rand((b, d, side, side), seed + 1)
+    assert torch.allclose(torch.from_numpy(to_vectors(maps.numpy(), how=how)), pool_tensor(maps, "map", how),
+                          atol=1e-6)
+    vectors = tokens[:, 0].numpy()
+    assert (to_vectors(vectors) == vectors).all()            # already pooled: unchanged

@@ -88,7 +88,7 @@ def good_images(images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny):
-    from model.builder import save_model
+    from model.loading import save_model
 
     return save_model(*tiny, tmp_path_factory.mktemp("model") / "tiny")
 
@@ -135,6 +135,53 @@ def test_fvl_capture_records_bad_items_and_exit_status_counts_them(images, tmp_p
     assert f"{len(GOOD_MODES) + len(BAD)} already stored" in rerun and "--retry-failed" in rerun
     assert fvl(argv + ["--retry-failed"]) == len(BAD)  # retried, and they fail again
     assert len(FeatureStore(out).index()) == len(GOOD_MODES) + len(BAD)  # one row per item, no duplicates
+
+
+def _real_data(root: Path) -> tuple[Path, Path, Path]:
+    """A LLaVA file with an image folder elsewhere, and a Hugging Face image folder with a metadata.jsonl
+    whose `colour` column separates the images; one listed image is missing from each."""
+    rng = np.random.default_rng(0)
+    folder, hf = root / "images", root / "hf"
+    rows, meta = [], []
+    for k in range(8):
+        colour = ["red", "blue"][k % 2]
+        arr = (rng.random((32, 32, 3)) * 60).astype(np.uint8)
+        arr[..., 0 if colour == "red" else 2] += 180
+        for d in (folder, hf):
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(d / f"im{k}.png")
+        rows.append({"id": f"s{k}", "image": f"im{k}.png",
+                     "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": colour}]})
+        meta.append({"file_name": f"im{k}.png", "colour": colour, "caption": f"a {colour} picture"})
+    rows.append({"id": "lost", "image": "lost.png", "conversations": rows[0]["conversations"]})
+    meta.append({"file_name": "lost.png", "colour": "red"})
+    llava = root / "json" / "data.json"
+    llava.parent.mkdir()
+    llava.write_text(json.dumps(rows))
+    (hf / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
+    return llava, folder, hf
+
+
+def test_fvl_capture_takes_real_data_and_records_missing_images(tmp_path, capsys):
+    """LLaVA + --image-folder and an image folder with metadata.jsonl: the missing image is a failed item,
+    the others are stored with their labels, and `fvl probe` uses a metadata column as a label."""
+    from workbench.store import FeatureStore
+
+    llava, folder, hf = _real_data(tmp_path)
+    base = ["capture", "--preset", "tiny", "--taps", "depth", "--pool", "mean", "--batch-size", "4"]
+    assert fvl(base + ["--data", str(llava), "--out", str(tmp_path / "s1")]) == 2
+    assert "none of its 9 images exist" in capsys.readouterr().err  # the JSON's own folder is the wrong one
+    assert fvl(base + ["--data", str(llava), "--image-folder", str(folder), "--out", str(tmp_path / "s1")]) == 1
+    store = FeatureStore(tmp_path / "s1")
+    assert len(store.items) == 8 and list(store.failed) == ["lost"] and "lost.png does not exist" in store.failed["lost"]
+    assert fvl(base + ["--data", str(hf), "--out", str(tmp_path / "s2")]) == 1
+    store = FeatureStore(tmp_path / "s2")
+    assert list(store.failed) == ["lost.png"]
+    assert sorted(store.labels()["colour"].tolist()) == ["blue"] * 4 + ["red"] * 4
+    capsys.readouterr()
+    assert fvl(["probe", "--store", str(tmp_path / "s2"), "--labels", "colour", "--folds", "2",
+                "--out", str(tmp_path / "probe"), "--json"]) == 0
+    assert "colour" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +231,7 @@ def test_fvl_capture_refuses_a_store_of_another_model_or_version(good_images, mo
     out = tmp_path / "store"
     base = ["capture", "--data", str(good_images), "--taps", "depth", "--out", str(out)]
     assert fvl(base + ["--preset", "tiny"]) == 0
-    for other, field in ((["--model", str(model_dir)], "model_id"), (["--preset", "tiny", "--taps", "prompt.ocr"], "taps")):
+    for other, field in ((["--model", str(model_dir)], "model_fingerprint"), (["--preset", "tiny", "--taps", "prompt.ocr"], "taps")):
         capsys.readouterr()
         assert fvl(base + other) == 2
         err = capsys.readouterr().err
@@ -233,7 +280,7 @@ def _damage(model_dir: Path, dest: Path, how: str) -> Path:
     ("no-weights", "model.safetensors"),
 ])
 def test_damaged_checkpoints_are_refused_by_name(model_dir, tmp_path, how, phrase, capsys):
-    from model.builder import load_model
+    from model.loading import load_model
 
     d = _damage(model_dir, tmp_path / how, how)
     with pytest.raises((ValueError, OSError), match=phrase):  # never a model with silently random parts
@@ -246,7 +293,7 @@ def test_damaged_checkpoints_are_refused_by_name(model_dir, tmp_path, how, phras
 def test_resume_weights_of_another_model_are_refused_by_name(tiny, tmp_path):
     from safetensors.torch import save_file
 
-    from model.train import load_weights_into
+    from model.training.checkpoints import load_weights_into
 
     model, _ = tiny
     sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -265,7 +312,7 @@ def test_resume_weights_of_another_model_are_refused_by_name(tiny, tmp_path):
 # Position limits (Florence-2: 50-entry 2-D image table at stride 32; BART: 1024 positions)
 # ---------------------------------------------------------------------------------------------
 def test_position_limits_are_refused_at_build_time_naming_the_limit():
-    from model.builder import build_config
+    from model.loading import build_config
 
     for preset in ("tiny", "florence-vl-3b"):
         assert build_config(preset, image_size=992).grid_size() == 31  # 962 image + prompt tokens <= 1024
@@ -314,7 +361,7 @@ def test_the_limits_are_the_real_tables(tiny):
 
 
 def test_oversized_inputs_at_run_time_get_the_same_message(tiny, model_dir, tmp_path, capsys):
-    from model.builder import load_model
+    from model.loading import load_model
 
     model, _ = tiny
     with torch.no_grad(), pytest.raises(ValueError, match="image_size=1632 .*<= 1600 px"):
@@ -338,7 +385,7 @@ def test_oversized_inputs_at_run_time_get_the_same_message(tiny, model_dir, tmp_
 # A full disk while appending index rows (a full disk during a shard write: tests/test_store.py)
 # ---------------------------------------------------------------------------------------------
 class _FullDiskOs:
-    """The `os` module as seen by workbench.store, with writes failing (ENOSPC) while `full` is set."""
+    """The `os` module as seen by workbench.store.writer, with writes failing (ENOSPC) while `full` is set."""
 
     def __init__(self):
         self.full = False
@@ -353,7 +400,7 @@ class _FullDiskOs:
 
 
 def test_full_disk_during_index_append_keeps_the_store_readable(tmp_path, monkeypatch):
-    import workbench.store as store_mod
+    import workbench.store.writer as store_mod
     from workbench.store import FeatureStore, StoreWriteError, StoreWriter
 
     fake = _FullDiskOs()
@@ -375,7 +422,7 @@ def test_full_disk_during_index_append_keeps_the_store_readable(tmp_path, monkey
 
 
 def test_fvl_capture_on_a_full_disk_says_so_and_resumes(good_images, tmp_path, monkeypatch, capsys):
-    import workbench.store as store_mod
+    import workbench.store.writer as store_mod
 
     fake = _FullDiskOs()
     fake.full = True
@@ -448,7 +495,7 @@ def test_fvl_capture_killed_at_random_moments_then_rerun_equals_uninterrupted(mo
               "--pool", "grid2", "--batch-size", "2", "--shard-size", "2"]
     assert fvl(common + ["--out", str(tmp_path / "reference")]) == 1  # the broken image
     killed = tmp_path / "killed"  # more kill points (exact ones, mid-flush): tests/test_capture.py, test_store.py
-    rc = _run_and_kill(tmp_path, ("workbench.capture", "run_taps", 0.2), common + ["--out", str(killed)],
+    rc = _run_and_kill(tmp_path, ("workbench.capturing", "ImageItems.__getitem__", 0.2), common + ["--out", str(killed)],
                        kill_after=random.Random(9).uniform(0.0, 0.4))
     assert rc == -signal.SIGKILL, (tmp_path / "child.log").read_text()[-3000:]
     assert len(FeatureStore(killed).items) < 12  # really part-way, and readable after the kill
@@ -471,7 +518,7 @@ def test_fvl_train_killed_at_a_random_moment_then_resumed_matches_uninterrupted(
               "--batch-size", "4", "--save-every", "1", "--save-total-limit", "2", "--quiet", "--seed", "5"]
     assert fvl(common + ["--out", str(tmp_path / "reference")]) == 0
     cut = tmp_path / "cut"
-    rc = _run_and_kill(tmp_path, ("model.train", "VLMTask.forward", 0.15), common + ["--out", str(cut)],
+    rc = _run_and_kill(tmp_path, ("model.training.vlm", "VLMTask.forward", 0.15), common + ["--out", str(cut)],
                        kill_after=random.Random(3).uniform(0.0, 0.45),
                        ready=lambda: (cut / "checkpoint-2" / "trainer_state.json").is_file())
     assert rc == -signal.SIGKILL, (tmp_path / "child.log").read_text()[-3000:]

@@ -7,7 +7,9 @@
   no `numpy.load(allow_pickle=True)`, no hard-coded `trust_remote_code=True` (checked on the AST, so
   comments and strings do not count and aliases like `torch.load(f, weights_only=False)` do).
 * The app opens paths only under its root (`..`, absolute paths, symlinks and look-alike sibling folders
-  are refused), binds loopback by default, and validates uploads with a pixel bound before decoding.
+  are refused, whether typed as flags or read from a data set's image entries), binds loopback by
+  default, validates uploads with a pixel bound before decoding, and never leaves its server running
+  after SIGTERM or SIGINT.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def evil(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny):
-    from model.builder import save_model
+    from model.loading import save_model
 
     return save_model(*tiny, tmp_path_factory.mktemp("model") / "tiny")
 
@@ -65,8 +67,7 @@ def _our_layout_with(model_dir: Path, dest: Path, payload: bytes) -> Path:
 # Every loader refuses a pickle without running it
 # ---------------------------------------------------------------------------------------------
 def test_load_model_refuses_a_pickled_pytorch_model_bin(model_dir, tmp_path, evil):
-    from model.builder import load_model
-    from model.convert import CheckpointError
+    from model.loading import CheckpointError, load_model
 
     payload, marker = evil
     d = _our_layout_with(model_dir, tmp_path / "evil", payload)
@@ -105,8 +106,7 @@ def _official(tmp_path: Path, payload: bytes, kind: str) -> Path:
 
 @pytest.mark.parametrize("kind", ["florence2", "florence-vl"])
 def test_official_checkpoint_loaders_refuse_pickles(tmp_path, evil, kind, capsys):
-    from model.convert import CheckpointError, load_florence2
-    from model.florence_vl import FlorenceVLForConditionalGeneration
+    from model.loading import CheckpointError, load_florence2, load_model
 
     payload, marker = evil
     d = _official(tmp_path, payload, kind)
@@ -114,7 +114,7 @@ def test_official_checkpoint_loaders_refuse_pickles(tmp_path, evil, kind, capsys
         if kind == "florence2":
             load_florence2(d)
         else:
-            FlorenceVLForConditionalGeneration.from_pretrained(d)
+            load_model(d)
     argv = ["convert", "--src", str(d), "--out", str(tmp_path / "out")]
     if kind == "florence2":
         argv += ["--llm-preset", "tiny"]
@@ -241,7 +241,7 @@ def test_app_paths_stay_under_the_root(app_root):
                    "run/link-out/secret.txt", "/etc/passwd", "~"):
         with pytest.raises(PathRefused, match="outside the data root"):
             resolve_under_root(sneaky, root, "--store")
-    for flag in ("--store", "--data", "--model", "--run"):
+    for flag in ("--store", "--data", "--image-folder", "--model", "--run"):
         with pytest.raises(PathRefused, match=f"{flag} .*outside the data root"):
             make_config(["--root", str(root), flag, "../root-evil"])
 
@@ -287,3 +287,152 @@ def test_uploads_are_size_limited_and_validated():
         load_image(b"<html>not an image</html>", max_pixels=MAX_UPLOAD_PIXELS)
     with pytest.raises(ImageError, match="empty"):
         load_image(b"", max_pixels=MAX_UPLOAD_PIXELS)
+
+
+def _png(path: Path, value: int = 120) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (value, 40, 200)).save(path)
+
+
+@pytest.fixture
+def escaping_data(tmp_path):
+    """A root with a store of four items and a LLaVA data set that names one image inside the root and
+    three outside it: a `../` path, an absolute path and a symlink inside the root that points out."""
+    root = tmp_path / "root"
+    secret = tmp_path / "elsewhere" / "secret.png"
+    _png(secret, 250)
+    _png(root / "data" / "inside.png")
+    (root / "data" / "link.png").symlink_to(secret)
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    rows = [{"id": "in", "image": "inside.png"}, {"id": "dotdot", "image": "../../elsewhere/secret.png"},
+            {"id": "absolute", "image": str(secret)}, {"id": "symlink", "image": "link.png"}]
+    (root / "data" / "train.json").write_text(json.dumps([{**r, "conversations": turns} for r in rows]))
+    return root, secret
+
+
+def test_data_set_images_outside_the_root_are_refused(escaping_data):
+    from workbench.app_views.context import confine_images, refused_summary
+    from workbench.data import open_dataset
+
+    root, secret = escaping_data
+    paths = {it.id: it.image_path for it in open_dataset(root / "data" / "train.json", check_images=False)}
+    assert len(paths) == 4 and paths["absolute"] == secret  # the data set lists all four
+    inside, refused = confine_images(paths, root)
+    assert inside == {"in": str((root / "data" / "inside.png").resolve())}
+    assert sorted(refused) == ["absolute", "dotdot", "symlink"]
+    assert all("outside the data root" in msg for msg in refused.values())
+    assert "3 image(s) not shown" in refused_summary(refused) and "--root" in refused_summary(refused)
+
+
+def test_the_overview_gallery_shows_only_images_under_the_root(escaping_data):
+    from streamlit.testing.v1 import AppTest
+
+    from workbench.store import StoreWriter
+
+    root, _ = escaping_data
+    with StoreWriter(root / "run" / "store", {"model_id": "preset:tiny", "taps": {"depth": {"shape": [2]}}}) as w:
+        for item in ("absolute", "dotdot", "in", "symlink"):
+            w.add(item, {"depth": [1.0, 2.0]})
+    argv = ["--root", str(root), "--store", "run/store", "--data", "data/train.json"]
+    at = AppTest.from_string(f"from workbench.app_views.main import main\nmain({argv!r})\n", default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.image) == 1  # the one image inside the root; the secret is never read
+    assert any("3 image(s) not shown because they lie outside the data root" in w.value for w in at.warning)
+
+
+def test_the_app_shows_missing_and_broken_data_set_images_as_messages(tmp_path):
+    """A data set may list images that are missing or truncated (a capture records them as failed items);
+    the gallery and the feature-map view say why they cannot be shown instead of failing."""
+    from streamlit.testing.v1 import AppTest
+
+    from workbench.store import StoreWriter
+
+    root = tmp_path / "root"
+    _png(root / "data" / "ok.png")
+    (root / "data" / "trunc.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    rows = [{"id": "gone", "image": "gone.png"}, {"id": "ok", "image": "ok.png"}, {"id": "trunc", "image": "trunc.png"}]
+    (root / "data" / "d.json").write_text(json.dumps([{**r, "conversations": turns} for r in rows]))
+    with StoreWriter(root / "run" / "store", {"model_id": "preset:tiny", "pool": "mean",
+                                               "taps": {"depth": {"shape": [2]}}}) as w:
+        for r in rows:
+            w.add(r["id"], {"depth": [1.0, 2.0]})
+    argv = ["--root", str(root), "--store", "run/store", "--data", "data/d.json"]
+    at = AppTest.from_string(f"from workbench.app_views.main import main\nmain({argv!r})\n", default_timeout=120)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert len(at.image) == 1
+    notes = " ".join(c.value for c in at.caption)
+    assert "gone: not shown" in notes and "does not exist" in notes and "trunc: not shown" in notes
+    at.sidebar.radio(key="view").set_value("Feature maps").run()  # its first item is the missing one
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("gone.png does not exist" in w.value for w in at.warning)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_fvl_app_refuses_a_taken_port_before_starting_a_server(app_root, capsys):
+    import socket
+
+    root, _ = app_root
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert fvl(["app", "--root", str(root), "--store", "run/store", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "in use" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_fvl_app_stops_its_server_on_sigterm_and_sigint(app_root, signum):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    root, _ = app_root
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from workbench.cli import main; sys.exit(main())",
+                             "app", "--root", str(root), "--store", "run/store", "--port", str(port)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HOME": str(root.parent)})
+    try:
+        deadline = time.monotonic() + 180  # a generous bound for a loaded machine; not an assertion on speed
+        while not _listening(port):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the server never started listening"
+            time.sleep(0.5)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children and any("streamlit" in " ".join(c.cmdline()) for c in children)
+        proc.send_signal(getattr(signal, signum))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "rerun the same command" not in err
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [c.cmdline() for c in alive]
+    assert not _listening(port)

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from model.selsa import SELSA, selsa_experiment
+from model.selsa import SELSA
+from model.training.selsa import selsa_experiment
 
 VARIANTS = [dict(heads=1, value_proj=False), dict(heads=2, value_proj=False), dict(heads=4, value_proj=True)]
 

@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import workbench.store as store_mod
+import workbench.store.reader as reader_mod
+import workbench.store.writer as writer_mod
 from workbench.store import (
     FeatureStore,
     StoreFormatError,
@@ -28,6 +29,7 @@ from workbench.store import (
     merge_index,
     read_index_file,
 )
+from workbench.store.index import read_all_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +71,7 @@ def test_round_trip_values_labels_and_dtypes(tmp_path):
     s = FeatureStore(tmp_path / "s")
     assert s.items == [f"item{i:03d}" for i in range(11)] and len(s) == 11
     assert s.taps == ["depth", "fusion.input", "score"]
-    assert s.manifest["dtype"] == "float16" and s.manifest["format_version"] == 1
+    assert s.manifest["dtype"] == "float16" and s.manifest["format_version"] == 2
     assert sorted(p.name for p in (tmp_path / "s" / "shards").iterdir()) == [f"rank0-{k:06d}.safetensors" for k in range(3)]
     depth = s.load("depth")
     assert depth.shape == (11, 5, 4) and depth.dtype == np.float16
@@ -111,7 +113,7 @@ def test_load_reads_only_the_requested_tap(tmp_path, monkeypatch):
     write(tmp_path / "s", range(9), shard_size=4)
     s = FeatureStore(tmp_path / "s")
     seen: list[tuple[str, str]] = []
-    real_open = store_mod._open_shard
+    real_open = reader_mod.open_shard
 
     class Spy:
         def __init__(self, path):
@@ -133,7 +135,7 @@ def test_load_reads_only_the_requested_tap(tmp_path, monkeypatch):
             seen.append((self.path, name))
             return self.fh.get_tensor(name)
 
-    monkeypatch.setattr(store_mod, "_open_shard", Spy)
+    monkeypatch.setattr(reader_mod, "open_shard", Spy)
     s.load("fusion.input[caption]", ["item005", "item006"])
     assert seen == [("rank0-000001.safetensors", "fusion.input")]  # one shard, one tensor
     seen.clear()
@@ -187,8 +189,10 @@ def test_resume_skips_done_and_failed_items(tmp_path):
 
 def test_manifest_mismatch_is_refused(tmp_path):
     write(tmp_path / "s", range(2))
-    with pytest.raises(StoreMismatchError, match=r"model_id differs.*'tiny-test'.*'other'.*new --out"):
-        StoreWriter(tmp_path / "s", manifest(model_id="other"))
+    with pytest.raises(StoreMismatchError, match=r"model_fingerprint differs.*weights changed.*'tiny-test'.*'other'.*new --out"):
+        StoreWriter(tmp_path / "s", manifest(model_id="other", model_fingerprint="f" * 64))
+    # the same weights under another name (a path typed differently) resume
+    StoreWriter(tmp_path / "s", manifest(model_id="/abs/path/")).close()
     taps = manifest()["taps"] | {"depth": {"shape": [5, 8]}}
     with pytest.raises(StoreMismatchError, match=r"taps differs.*tap 'depth'"):
         StoreWriter(tmp_path / "s", manifest(taps=taps))
@@ -293,7 +297,7 @@ def test_orphan_shard_is_ignored_and_removed(tmp_path):
 
 def test_full_disk_keeps_flushed_items(tmp_path, monkeypatch):
     path = tmp_path / "s"
-    real_save = store_mod.save_file
+    real_save = writer_mod.save_file
     calls = {"n": 0}
 
     def flaky_save(tensors, filename, metadata=None):
@@ -303,7 +307,7 @@ def test_full_disk_keeps_flushed_items(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(store_mod, "save_file", flaky_save)
+    monkeypatch.setattr(writer_mod, "save_file", flaky_save)
     w = StoreWriter(path, manifest(), shard_size=2)
     for i in range(3):
         w.add(f"item{i:03d}", item_tensors(i))
@@ -325,6 +329,7 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, {repo!r})
     import numpy as np
     import workbench.store as store
+    import workbench.store.writer as store_writer
 
     path, mode, arg = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rank, world = int(sys.argv[4]), int(sys.argv[5])
@@ -339,7 +344,7 @@ CHILD = textwrap.dedent(
                         f = os.path.join(path, "index", f"rank{{rank}}.jsonl")
                         os.truncate(f, os.path.getsize(f) - 30)
                     os._exit(137)
-        store._fault_hook = hook
+        store_writer._fault_hook = hook
     with store.StoreWriter(path, manifest(), rank=rank, world_size=world, shard_size=4) as w:
         done = w.done_ids()
         added = 0
@@ -374,7 +379,7 @@ def run_child(script, path, mode="none", arg=0, rank=0, world=1):
 def snapshot(path):
     s = FeatureStore(path)
     assert s.check() == []
-    raw = [r for rows in store_mod._read_all_ranks(Path(path)) for r in rows]
+    raw = [r for rows in read_all_ranks(Path(path)) for r in rows]
     ok_ids = [r["id"] for r in raw if r["status"] == "ok"]
     assert len(ok_ids) == len(set(ok_ids)), "an item was stored twice"
     referenced = {r["shard"] for r in raw if r["status"] == "ok"}
@@ -543,6 +548,86 @@ def test_benchmark_runs_at_tiny_size():
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    result = bench.run(parser.parse_args(["--small", "3", "--large", "9", "--taps", "2", "--tokens", "5", "--dim", "4", "--shard-size", "2"]))
+    result = bench.run(parser.parse_args(["--small", "3", "--large", "9", "--taps", "2", "--tokens", "5", "--dim", "4",
+                                          "--shard-size", "2", "--read-small", "20", "--read-large", "60"]))
     assert result["items"] == 9 and result["rss_3_mb"] > 0 and result["rss_9_mb"] > 0
     assert result["rss_ratio"] > 0 and result["write_items_s"] > 0 and result["read_mb_s"] >= 0
+    assert result["read_items"] == [20, 60] and result["read_rss_60_mb"] > 0 and result["read_rss_ratio"] > 0
+
+
+# ----------------------------------------------------------------------------- format 2: digests, old stores
+
+
+@settings(max_examples=100, deadline=None)
+@given(_rows_strategy())
+def test_columnar_index_merges_like_merge_index(tmp_path_factory, raw):
+    from workbench.store.index import rewrite_index_file
+    from workbench.store.table import load_table
+
+    root = tmp_path_factory.mktemp("idx")
+    (root / "index").mkdir()
+    by_rank = _materialise(raw)
+    for rank, rows in enumerate(by_rank):
+        rewrite_index_file(root / "index" / f"rank{rank}.jsonl", rows)
+    table = load_table(root)
+    expected = merge_index(by_rank)
+    ok = [r for r in expected if r["status"] == "ok"]
+    assert [table.id_at(p) for p in range(len(table))] == [r["id"] for r in ok]
+    assert [(table.shard_names[table.shard[p]], int(table.row[p])) for p in range(len(table))] == \
+        [(r["shard"], r["row"]) for r in ok]
+    assert {i: r["error"] for i, r in table.failed.items()} == {r["id"]: r["error"] for r in expected if r["status"] == "failed"}
+
+
+def test_slices_membership_and_digests(tmp_path):
+    write(tmp_path / "s", range(10), shard_size=4)
+    s = FeatureStore(tmp_path / "s")
+    np.testing.assert_array_equal(s.load("depth", slice(3, 8)), s.load("depth")[3:8])
+    assert "item004" in s and "item099" not in s and "item0041" not in s
+    rows = read_index_file(tmp_path / "s" / "index" / "rank0.jsonl")
+    assert all(len(r["sha256"]) == 64 and r["bytes"] > 0 for r in rows)
+    from workbench.store import verify_store
+
+    assert verify_store(s)["damaged"] == []
+
+
+def test_a_format_1_store_stays_readable_and_is_not_resumed(tmp_path):
+    """A store as the previous version wrote it: no digests, format_version 1, model named by path."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "old"
+    (path / "shards").mkdir(parents=True)
+    (path / "index").mkdir()
+    m = manifest(model_id="/some/model")
+    m.update(format_version=1, dtype="float16", taps={"depth": {"shape": [5, 4], "dtype": "float16"}}, views={})
+    (path / "manifest.json").write_text(json.dumps(m))
+    arr = np.stack([item_tensors(i)["depth"] for i in range(3)]).astype(np.float16)
+    save_file({"depth": arr}, str(path / "shards" / "rank0-000000.safetensors"),
+              metadata={"ids": json.dumps(["a", "b", "c"])})
+    rows = [{"id": i, "shard": "rank0-000000.safetensors", "row": k, "status": "ok", "error": None, "labels": {"n": k}}
+            for k, i in enumerate("abc")]
+    (path / "index" / "rank0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = FeatureStore(path)
+    np.testing.assert_array_equal(s.load("depth"), arr)
+    assert s.labels()["n"].tolist() == [0, 1, 2] and s.check() == []
+    with pytest.raises(StoreMismatchError, match="store format 1.*stays readable.*new --out"):
+        StoreWriter(path, {**manifest(), "taps": m["taps"], "views": {}, "model_fingerprint": "f" * 64})
+
+
+def test_fvl_store_verify_reports_and_repairs(tmp_path, capsys):
+    from workbench.cli import main as fvl
+
+    write(tmp_path / "s", range(10), shard_size=4)
+    assert fvl(["store", "verify", str(tmp_path / "s")]) == 0
+    assert "0 damaged shards" in capsys.readouterr().out
+    (tmp_path / "s" / "shards" / "rank0-000001.safetensors").unlink()
+    assert fvl(["store", "verify", str(tmp_path / "s"), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["damaged"] == [{"shard": "rank0-000001.safetensors", "problem": "missing", "items": 4}]
+    assert fvl(["store", "verify", str(tmp_path / "s"), "--repair"]) == 0
+    assert "capture the 4 items again" in capsys.readouterr().out
+    s = FeatureStore(tmp_path / "s")
+    assert len(s) == 6 and s.check() == []
+    with StoreWriter(tmp_path / "s", manifest()) as w:  # a rerun captures exactly the lost items
+        assert {f"item{i:03d}" for i in range(10)} - w.done_ids() == {f"item{i:03d}" for i in range(4, 8)}
+    assert fvl(["store", "verify", str(tmp_path / "nope")]) == 2
+    assert "not a feature store" in capsys.readouterr().err

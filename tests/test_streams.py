@@ -24,7 +24,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny64():
-    from model.builder import build_model
+    from model.loading import build_model
 
     return build_model("tiny", image_size=64, seed=0)
 
@@ -103,7 +103,7 @@ def test_accuracy_metric_and_custom_metrics(tiny64, rows):
 
 
 def test_fvl_contributions_end_to_end(tmp_path, tiny64, data_dir, capsys):
-    from model.builder import save_model
+    from model.loading import save_model
     from workbench.cli import main
 
     model_dir = save_model(*tiny64, tmp_path / "model")
@@ -118,3 +118,20 @@ def test_fvl_contributions_end_to_end(tmp_path, tiny64, data_dir, capsys):
     assert main(["contributions", "--model", str(model_dir), "--data", str(data_dir), "--split", "nope",
                  "--out", str(out)]) == 2
     assert "no questions" in capsys.readouterr().err
+
+
+def test_fvl_contributions_with_a_missing_image_says_so(tmp_path, data_dir, capsys):
+    import shutil
+
+    from workbench.cli import main
+    from workbench.data.dataset import load_qa
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    rows = load_qa(data, split="train")
+    gone = rows[0]["image"]
+    (data / "images" / gone.rsplit("/", 1)[-1]).unlink()
+    rc = main(["contributions", "--preset", "tiny", "--data", str(data), "--split", "train", "--limit", "3",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing" in err and gone.rsplit("/", 1)[-1] in err and "Traceback" not in err

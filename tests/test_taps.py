@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.builder import build_model
+from model.loading import build_model
 from workbench.taps import TapError, ablate, capture, patch, pool_tensor, resolve, tap_shapes, tap_table
 
 

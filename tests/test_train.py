@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.builder import build_model
+from model.loading import build_model
 from model.processing import IGNORE_INDEX
-from model.train import (FeatureBank, TrainConfig, VLMTask, epoch_order, latest_checkpoint, list_checkpoints,
-                         load_vlm_samples, stage_finished, train_stage, vlm_stage_data)
+from model.training.layout import latest_checkpoint, list_checkpoints, stage_finished
+from model.training.config import TrainConfig
+from model.training.loop import epoch_order
+from model.training.vlm import FeatureBank, VLMTask, load_vlm_samples, train_stage, vlm_stage_data
 from workbench.cli import main as fvl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +163,7 @@ def test_fvl_bench_train_step_compares_both_losses(capsys):
 
 
 def test_loop_uses_the_fused_adamw_on_cpu():
-    from model.train import TrainConfig, make_optimizer
+    from model.training.loop import make_optimizer
 
     p = torch.nn.Parameter(torch.zeros(3))
     opt = make_optimizer([{"params": [p]}], TrainConfig(), torch.device("cpu"))
@@ -195,7 +197,7 @@ def test_steps_lower_the_loss_on_a_fixed_batch(data_dir):
 def test_training_moves_the_model_to_the_training_device(data_dir, monkeypatch):
     """Batches go to the training device (CUDA wherever one is present): the weights must follow, or a
     GPU machine fails at the first step (what the first run on a lent H200 found)."""
-    import model.train as train_module
+    import model.training.loop as loop_module
 
     moved = []
     plain_to = torch.nn.Module.to
@@ -206,7 +208,7 @@ def test_training_moves_the_model_to_the_training_device(data_dir, monkeypatch):
         return plain_to(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "to", spy)
-    monkeypatch.setattr(train_module, "default_device", lambda: torch.device("cpu", 0))
+    monkeypatch.setattr(loop_module, "default_device", lambda: torch.device("cpu", 0))
     model, proc = fresh_tiny()
     samples = load_vlm_samples(proc, data_dir / "instruct.json", "phi3")[:4]
     train_stage(model, proc, samples, cfg(max_steps=1))
@@ -285,8 +287,9 @@ DDP_CONFIG = dict(stage="finetune", batch_size=4, micro_batch_size=1, lr=3e-3, m
 TORCHRUN_SCRIPT = textwrap.dedent(f"""
     import json, os, sys, torch
     torch.set_num_threads(1)
-    from model.builder import build_model
-    from model.train import TrainConfig, train_stage
+    from model.loading import build_model
+    from model.training.config import TrainConfig
+    from model.training.vlm import train_stage
     data, out = sys.argv[1], sys.argv[2]
     model, proc = build_model("tiny", seed=0)
     hist = train_stage(model, proc, data + "/instruct.json", TrainConfig(out_dir=out, **{DDP_CONFIG!r}))
@@ -316,9 +319,9 @@ def test_torchrun_two_processes_match_one(data_dir, tmp_path):
 
 
 # ---- Florence-2 pretraining ------------------------------------------------------------------
-def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
-    from model.evaluate import evaluate_florence2
-    from model.florence2_pretrain import (Florence2Task, florence2_stage_data, load_florence2,
+def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path, capsys):
+    from model.training.evaluate import evaluate_florence2
+    from model.training.florence2 import (Florence2Task, florence2_stage_data, load_florence2,
                                           load_florence2_samples, train_florence2)
 
     model, proc = fresh_tiny()
@@ -348,13 +351,17 @@ def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path):
     assert torch.equal(f2b.lm_head.weight, f2.lm_head.weight)
     metrics = evaluate_florence2(f2, proc, data_dir, "test", limit=2)
     assert metrics["n_images"] == 2
+    assert fvl(["eval", "florence2", "--model", str(tmp_path / "model"), "--data", str(data_dir), "--limit", "2",
+                "--device", "cpu", "--dtype", "bfloat16", "--json"]) == 0
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("ocr_exact_match", "caption_token_f1", "region_recall_iou50"))
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cli["device"] == "cpu" and cli["dtype"] == "bfloat16" and cli["n_images"] == 2
 
 
 def test_ocr_exact_match_is_also_reported_on_images_with_text(data_dir, tiny, monkeypatch):
     """An image without text is an OCR hit when the model writes nothing: a model that never reads
     still scores the share of text-free images, so the metric over images with text comes too."""
-    import model.evaluate as ev
+    import model.training.evaluate as ev
     from workbench.data.dataset import load_florence2_tasks
 
     _, proc = tiny
@@ -369,7 +376,8 @@ def test_ocr_exact_match_is_also_reported_on_images_with_text(data_dir, tiny, mo
 
 
 def test_dense_tags_put_label_factors_on_the_box_centre_cell(data_dir, tiny):
-    from model.florence2_pretrain import TagVocab, dense_tags, load_florence2_samples, tag_loss, tag_vocabulary
+    from model.training.florence2 import load_florence2_samples
+    from model.training.florence2_tags import TagVocab, dense_tags, tag_loss, tag_vocabulary
 
     vocab = TagVocab(first=["red", "word"], last=["circle", "farm"], words=["circle", "farm", "red", "word"])
     regions = [("red circle", (0, 0, 240, 240)), ("word farm", (760, 510, 990, 740))]
@@ -406,7 +414,7 @@ def test_dense_tags_put_label_factors_on_the_box_centre_cell(data_dir, tiny):
 
 # ---- evaluation --------------------------------------------------------------------------------
 def test_metrics():
-    from model.evaluate import box_iou, region_recall, token_f1
+    from model.training.metrics import box_iou, region_recall, token_f1
 
     assert token_f1("A red circle.", "a red circle") == 1.0
     assert token_f1("red square", "red circle") == pytest.approx(0.5)
@@ -420,7 +428,7 @@ def test_metrics():
 
 
 def test_evaluate_vqa_reports_every_type_and_batching_is_exact(data_dir):
-    from model.evaluate import answer_questions, evaluate_vqa
+    from model.training.evaluate import answer_questions, evaluate_vqa
     from workbench.data.dataset import load_qa
 
     model, proc = fresh_tiny()
@@ -461,3 +469,30 @@ def test_cli_bad_input(tmp_path, capsys):
     assert fvl(["train", "pretrain", "--preset", "tiny", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "pretrain.json" in capsys.readouterr().err
     assert fvl(["train", "recipe", "--preset", "florence-vl-8b", "--out", str(tmp_path / "r")]) == 2
+
+
+def test_cli_eval_runs_on_the_device_and_dtype_asked_for(data_dir, tmp_path, capsys):
+    """No skip on a CPU-only machine: there the CUDA request is refused by name, on a GPU it runs there."""
+    base = ["eval", "vqa", "--preset", "tiny", "--data", str(data_dir), "--json", "--limit", "4"]
+    assert fvl(base + ["--device", "cpu", "--dtype", "bfloat16"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["device"] == "cpu" and result["dtype"] == "bfloat16" and result["n"]["overall"] == 4
+    rc = fvl(base + ["--device", "cuda"])
+    captured = capsys.readouterr()
+    if torch.cuda.is_available():
+        assert rc == 0 and json.loads(captured.out.strip().splitlines()[-1])["device"] == "cuda"
+    else:
+        assert rc == 2 and "--device cuda: CUDA was requested but CUDA is not available" in captured.err
+    assert fvl(base + ["--dtype", "int8"]) == 2
+    assert "--dtype int8: not a dtype; choose auto, float32, bfloat16, float16" in capsys.readouterr().err
+    assert fvl(base + ["--batch-size", "0"]) == 2
+    assert "--batch-size 0: must be at least 1" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert fvl(base + ["--predictions", str(blocker / "preds.jsonl")]) == 2  # refused before any work
+    err = capsys.readouterr().err
+    assert "--predictions" in err and "Traceback" not in err
+    assert fvl(base + ["--predictions", str(tmp_path / "preds.jsonl")]) == 0
+    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 4
+    assert fvl(["eval", "florence2", "--model", str(tmp_path), "--data", str(data_dir), "--device", "gpu"]) == 2
+    assert "--device gpu: not a device" in capsys.readouterr().err

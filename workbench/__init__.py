@@ -1,21 +1,32 @@
 """Instrumentation and pipelines around the model: taps, capture, the feature store, data, the CLI.
 
-Public names are imported lazily so that `fvl --help` does not pay for torch."""
+Public names are imported lazily (PEP 562), so `fvl --help` does not pay for torch. No submodule
+shares a name with an export (the capture of a data set lives in `workbench.capturing`), so
+`from workbench import capture` is always the context manager.
+"""
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 _EXPORTS = {
     "FeatureStore": "workbench.store", "StoreWriter": "workbench.store", "StoreError": "workbench.store",
     "StoreMismatchError": "workbench.store", "merge_index": "workbench.store",
     "TapError": "workbench.taps", "ablate": "workbench.taps", "capture": "workbench.taps", "patch": "workbench.taps",
     "resolve": "workbench.taps", "tap_shapes": "workbench.taps", "tap_table": "workbench.taps",
-    "capture_dataset": "workbench.capture",
+    "TapName": "workbench.tap_names",
+    "capture_dataset": "workbench.capturing",
 }
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,8 +1,12 @@
 """The `fvl` command line.
 
-Each subcommand lives in its own small module under `workbench/commands/` exposing
-`register(subparsers)`; heavy imports (torch, transformers) happen inside the command's
-run function so that `fvl --help` stays instant.
+Each subcommand lives in its own small module under `workbench/commands/` exposing `register(subparsers)`
+and a run function; a command parses its arguments, calls one library function, and prints. Heavy
+libraries load inside the run functions, so `fvl --help` and refusals of bad arguments are instant.
+
+Errors: a `UserError`, an error type the project raises on purpose (any exception class defined in
+`model`, `workbench` or `probes`) and an `OSError` (read-only or full disk, missing file, permission)
+are printed as one line with exit status 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,15 +14,15 @@ import argparse
 import importlib
 import sys
 
+from workbench.commands._common import UserError
+from workbench.data.files import describe_os_error
+
 # Order is the order shown in `fvl --help`.
 COMMAND_MODULES = [
-    "info", "data", "train", "eval", "generate", "taps", "capture", "probe", "align",
+    "info", "data", "train", "eval", "generate", "taps", "capture", "store", "probe", "align",
     "attribute", "similarity", "heatmap", "contributions", "compare", "convert", "bench", "demo", "app",
 ]
-
-
-class UserError(Exception):
-    """An error caused by the user's input; printed without a traceback, exit status 2."""
+PROJECT_PACKAGES = ("model", "workbench", "probes", "benchmarks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_project_error(exc: BaseException) -> bool:
+    """An exception class defined by the project is raised on purpose, with a message meant for users."""
+    return type(exc).__module__.split(".")[0] in PROJECT_PACKAGES
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -50,9 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    except OSError as exc:
+        print(f"fvl {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"fvl {args.command}: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        hint = ("; finished work is kept, rerun the same command to resume" if getattr(args, "resumable", False)
+                else "")
+        print(f"fvl {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only the project's own error types are turned into messages
+        if not _is_project_error(exc):
+            raise
+        print(f"fvl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -1,10 +1,11 @@
-"""Named taps on a Florence-VL model: capture features per depth and per prompt, and intervene on streams.
+"""Named taps on a model: capture features per depth and per prompt, and intervene on streams.
 
-Tap vocabulary (derived from the model, so it holds for every preset and encoder):
+A tap is a named hook point of the model (`model.tap_points()`, see `model.sources`); its names are
+parsed by `workbench.tap_names.TapName` and pooled by `model.tokens`. The vocabulary:
 
   vision.stage{s}           (B, C_s, H_s, W_s)  DaViT/CvT stage s output (other encoders: their own stages)
   vision.block{j}           (B, C, H, W)        every DaViT block, numbered across stages
-  vision.layer{i}           (B, T, C)           ViT-style encoders (CLIP)
+  vision.layer{i}           (B, T, C)           ViT-style encoders (CLIP, SigLIP, DINOv2, ViT)
   depth                     (B, N, D)           the depth stream V as fused
   prompt.{name}.layer{i}    (B, N, D)           BART encoder layer i at the image positions, under prompt `name`
   prompt.{name}             (B, N, D)           the breadth stream of prompt `name` as fused
@@ -21,141 +22,77 @@ Every tap asked for must fire: a tap that did not fire raises `TapError` (never 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import re
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-POOLS = ("none", "mean", "global", "grid")
+from model.sources import TapPoint
+from model.tokens import PoolError
+from model.tokens import parse_pool as _parse_pool
+from model.tokens import pool_features
+from workbench.tap_names import TapNameError, check_spec, expand
 
 
 class TapError(ValueError):
-    """Unknown tap, bad pattern, or a tap that did not fire."""
+    """Unknown tap, bad pattern or pooling, or a tap that did not fire."""
 
 
-@dataclass
-class Tap:
-    name: str
-    module: nn.Module
-    kind: str  # "map" (B,C,H,W), "tokens" (B,N,D) with optional global token, "seq" (B,T,H)
-    prompt_index: int | None = None  # for prompt.{name}.layer{i}: which of the K batched prompts
-    has_global: bool = True
+def parse_pool(pool: str) -> tuple[str, int]:
+    """'none' | 'mean' | 'global' | 'grid{k}' -> (mode, k); anything else is a TapError."""
+    try:
+        return _parse_pool(pool)
+    except PoolError as exc:
+        raise TapError(str(exc)) from exc
+
+
+def pool_tensor(x: torch.Tensor, kind: str, pool: str, has_global: bool = True,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`model.tokens.pool_features`, with its errors as TapError."""
+    try:
+        return pool_features(x, kind, pool, has_global, mask)
+    except PoolError as exc:
+        raise TapError(str(exc)) from exc
 
 
 def _unwrap(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def tap_table(model) -> dict[str, Tap]:
-    """All taps of a model, in a stable order."""
-    taps: dict[str, Tap] = {}
-    vt = model.vision_tower
-    for name, module in vt.tap_modules().items():
-        kind = "seq" if name.startswith("vision.layer") else "map"
-        taps[name] = Tap(name, module, kind)
-    has_global = not model.config.drop_global_token
-    taps["depth"] = Tap("depth", model.stream_hooks["depth"], "tokens", has_global=has_global)
-    prompt_names = [n for n in model.stream_names if n != "depth"]
-    layers = vt.encoder_layers() if hasattr(vt, "encoder_layers") else []
-    for k, pname in enumerate(prompt_names):
-        for i, layer in enumerate(layers):
-            taps[f"prompt.{pname}.layer{i}"] = Tap(f"prompt.{pname}.layer{i}", layer, "tokens", prompt_index=k,
-                                                   has_global=has_global)
-        taps[f"prompt.{pname}"] = Tap(f"prompt.{pname}", model.stream_hooks[pname], "tokens", has_global=has_global)
-    fusion_kind = "tokens" if model.config.fusion != "token" else "seq"
-    taps["fusion.input"] = Tap("fusion.input", model.fusion.hook_input, fusion_kind, has_global=has_global)
-    taps["fusion.output"] = Tap("fusion.output", model.mm_projector, fusion_kind, has_global=has_global)
-    for i, layer in enumerate(llm_layers(model)):
-        taps[f"llm.layer{i}"] = Tap(f"llm.layer{i}", layer, "seq")
-    return taps
-
-
-def llm_layers(model) -> list[nn.Module]:
-    lm = model.language_model
-    inner = getattr(lm, "model", lm)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise TapError(f"cannot find the decoder layers of {type(lm).__name__}; expected `.model.layers`")
-    return list(layers)
-
-
-def resolve(model, patterns: list[str] | str) -> list[str]:
-    """Expand glob patterns ("prompt.*", "vision.stage*", "all") into tap names; unknown names are errors."""
-    table = tap_table(model)
-    if isinstance(patterns, str):
-        patterns = [p.strip() for p in patterns.split(",") if p.strip()]
-    names: list[str] = []
-    for pattern in patterns:
-        if pattern == "all":
-            matched = list(table)
-        elif pattern == "default":
-            matched = default_taps(model)
-        else:
-            base = re.sub(r"\[.*\]$", "", pattern)
-            matched = [n for n in table if fnmatch.fnmatchcase(n, base)]
-        if not matched:
-            close = [n for n in table if n.split(".")[0] == pattern.split(".")[0]][:8]
-            raise TapError(f"tap {pattern!r} matches nothing; known taps include {close or list(table)[:8]} "
-                           "(list them all with `fvl taps --preset NAME`)")
-        names += [m for m in matched if m not in names]
-    return names
+def tap_table(model) -> dict[str, TapPoint]:
+    """All taps of a model (any feature source), in a stable order."""
+    return model.tap_points()
 
 
 def default_taps(model) -> list[str]:
-    """The taps captured by default: stages, depth, per-prompt last and per-layer states, fusion output."""
-    table = tap_table(model)
-    return [n for n in table if n.startswith("vision.stage") or n in ("depth", "fusion.output")
-            or (n.startswith("prompt.") )]
+    """The taps captured by default: stages, depth, every prompt tap, fusion output (ViT-style encoders:
+    every layer and the output)."""
+    names = list(tap_table(model))
+    chosen = [n for n in names if n.startswith(("vision.stage", "prompt.")) or n in ("depth", "fusion.output")]
+    return chosen or [n for n in names if n.startswith("vision.layer") or n == "vision.output"]
 
 
-def parse_pool(pool: str) -> tuple[str, int]:
-    if pool in ("none", "mean", "global"):
-        return pool, 0
-    m = re.fullmatch(r"grid(\d+)", pool)
-    if m and int(m.group(1)) > 0:
-        return "grid", int(m.group(1))
-    raise TapError(f"pool {pool!r} is not one of none, mean, global, grid<k> (e.g. grid4)")
+def resolve(model, patterns: list[str] | str) -> list[str]:
+    """Expand glob patterns ("prompt.*", "vision.stage*", "all", "default") into this model's tap names.
 
-
-def pool_tensor(x: torch.Tensor, kind: str, pool: str, has_global: bool = True,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool one tap's batch at capture time.
-
-    maps (B,C,H,W): mean -> (B,C); global -> (B,C) (maps have no global token: same as mean);
-      grid{k} -> (B, k*k, C).
-    tokens (B,N,D) with a global token first: mean over patch tokens -> (B,D); global -> token 0;
-      grid{k} -> patch tokens as an h x w map, averaged to (B, k*k, D).
-    seq (B,T,H): mean over valid positions (mask) -> (B,H); global -> first position; grid not defined.
-    """
-    mode, k = parse_pool(pool)
-    if mode == "none":
-        return x
-    if kind == "map":
-        if mode in ("mean", "global"):
-            return x.mean(dim=(2, 3))
-        return F.adaptive_avg_pool2d(x, k).flatten(2).transpose(1, 2)
-    if kind == "tokens":
-        patches = x[:, 1:] if has_global else x
-        if mode == "mean":
-            return patches.mean(dim=1)
-        if mode == "global":
-            return x[:, 0] if has_global else patches.mean(dim=1)
-        side = int(round(patches.shape[1] ** 0.5))
-        if side * side != patches.shape[1]:
-            raise TapError(f"grid pooling needs a square token map; got {patches.shape[1]} patch tokens")
-        grid = patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
-        return F.adaptive_avg_pool2d(grid, k).flatten(2).transpose(1, 2)
-    if mode == "mean":
-        if mask is not None and mask.shape[:2] == x.shape[:2]:
-            m = mask.to(x.dtype).unsqueeze(-1)
-            return (x * m).sum(1) / m.sum(1).clamp_min(1)
-        return x.mean(dim=1)
-    if mode == "global":
-        return x[:, 0]
-    raise TapError("grid pooling is defined for spatial taps only (vision.*, depth, prompt.*, fusion.*)")
+    A view (`fusion.input[ocr]`) resolves to the tap it is a view of; unknown names are errors."""
+    try:
+        patterns = check_spec(patterns)
+    except TapNameError as exc:
+        raise TapError(f"{exc} (list them all with `fvl taps`)") from exc
+    available = list(tap_table(model))
+    names: list[str] = []
+    for pattern in patterns:
+        if pattern == "all":
+            matched = available
+        elif pattern == "default":
+            matched = default_taps(model)
+        else:
+            base = pattern.split("[", 1)[0] if pattern.endswith("]") else pattern
+            try:
+                matched = expand([base], available)
+            except TapNameError as exc:
+                raise TapError(f"{exc} (list them all with `fvl taps`)") from exc
+        names += [m for m in matched if m not in names]
+    return names
 
 
 class Cache(dict):
@@ -168,38 +105,38 @@ class Cache(dict):
     def steps(self, name: str) -> list[torch.Tensor]:
         return self._steps.get(name, [])
 
+    def record(self, name: str, x: torch.Tensor) -> None:
+        self._steps.setdefault(name, []).append(x)
+        if name not in self:
+            dict.__setitem__(self, name, x)
+
 
 @contextlib.contextmanager
-def capture(model, taps: list[str] | str = "default", pool: str = "none", device: str | torch.device = "cpu",
-            dtype: torch.dtype | None = None, attention_mask: torch.Tensor | None = None):
-    """Record the named taps during any forward or `generate()` call inside the block."""
+def capture(model, taps: list[str] | str = "default", pool: str = "none", device: str | torch.device | None = "cpu",
+            dtype: torch.dtype | None = None, attention_mask: torch.Tensor | None = None, detach: bool = True):
+    """Record the named taps during any forward or `generate()` call inside the block.
+
+    ``detach=False`` keeps the captured tensors in the autograd graph (on the model's device), so an
+    attribution can differentiate a score of a tap with respect to the input; ``device=None`` leaves
+    the tensors where the model computed them."""
     names = resolve(model, taps)
     parse_pool(pool)
-    table = tap_table(model)
+    points = tap_table(model)
     cache = Cache()
-    handles = []
-    vt = model.vision_tower
 
-    def make_hook(tap: Tap):
+    def make_hook(name: str, point: TapPoint):
         def hook(module, args, output):
-            x = _unwrap(output).detach()
-            if tap.prompt_index is not None:
-                bsz, k, n_img = vt.layout
-                x = x.reshape(bsz, k, x.shape[1], x.shape[2])[:, tap.prompt_index, :n_img]
-                if getattr(vt, "drop_global_token", False):
-                    x = x[:, 1:]
-            mask = attention_mask if tap.kind == "seq" and tap.name.startswith("llm.") else None
-            x = pool_tensor(x, tap.kind, pool, tap.has_global, mask)
-            if x.device.type != "meta":
-                x = x.to(device=device, dtype=dtype or x.dtype)
-            cache._steps.setdefault(tap.name, []).append(x)
-            if tap.name not in cache:
-                dict.__setitem__(cache, tap.name, x)
+            x = _unwrap(output)
+            x = x.detach() if detach else x
+            mask = attention_mask if name.startswith("llm.") else None
+            x = pool_tensor(x, point.kind, pool, point.has_global, mask)
+            if detach and x.device.type != "meta" and (device is not None or dtype is not None):
+                x = x.to(device=device if device is not None else x.device, dtype=dtype or x.dtype)
+            cache.record(name, x)
         return hook
 
-    # Several taps can share a module (the BART layers serve every prompt): one hook each is fine.
-    for name in names:
-        handles.append(table[name].module.register_forward_hook(make_hook(table[name])))
+    # Several taps can share a module: one hook each is fine.
+    handles = [points[name].module.register_forward_hook(make_hook(name, points[name])) for name in names]
     try:
         yield cache
     finally:
@@ -212,31 +149,49 @@ def capture(model, taps: list[str] | str = "default", pool: str = "none", device
 
 
 def fusion_views(model) -> dict[str, tuple[int, int]]:
-    """Per-stream channel slices of `fusion.input` (only for channel fusion)."""
-    if model.config.fusion != "channel":
+    """Per-stream channel slices of `fusion.input` (channel fusion only; other sources have none)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "fusion", None) != "channel" or not hasattr(model, "fusion"):
         return {}
-    return model.fusion.stream_slices(model.config.stream_width)
+    return model.fusion.stream_slices(config.stream_width)
 
 
-def tap_shapes(model, image_size: int | None = None, with_llm: bool = True) -> dict[str, tuple]:
-    """Shapes of every tap for one image (batch 1), found by running the model once.
+def tap_shapes(model, image_size: int | None = None, with_llm: bool = True, processor=None) -> dict[str, tuple]:
+    """Shapes of every tap for one image (batch 1), found by running the model once with hooks.
 
-    Works on the meta device too, so real-size presets are listed without allocating memory."""
-    size = image_size or model.config.image_size
+    Real-size presets on the meta device are computed from the config, so nothing is allocated. Other
+    feature sources run `image_features` on one blank image made by their own processor; their text-side
+    taps (`llm.layer{i}`) depend on the text, so their length is shown as "T"."""
     param = next(model.parameters())
     if param.device.type == "meta":
-        return _analytic_shapes(model, size, with_llm)
-    px = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
-    n_img = model.config.num_image_tokens(size)
-    ids = torch.full((1, n_img + 4), model.config.image_token_id, dtype=torch.long, device=param.device)
-    ids[0, -4:] = 1
-    names = list(tap_table(model)) if with_llm else [n for n in tap_table(model) if not n.startswith("llm.")]
-    with torch.no_grad(), capture(model, names, pool="none") as cache:
-        if with_llm:
+        return _analytic_shapes(model, image_size or model.config.image_size, with_llm)
+    points = tap_table(model)
+    runs_llm = with_llm and hasattr(model, "merge_image_features")  # this project's model: a full forward
+    names = [n for n in points if runs_llm or not n.startswith("llm.")]
+    px = _blank_pixels(model, image_size, processor).to(device=param.device, dtype=param.dtype)
+    with torch.no_grad(), capture(model, names, pool="none", device=None) as cache:
+        if runs_llm:
+            n_img = model.config.num_image_tokens(px.shape[-1])
+            ids = torch.full((1, n_img + 4), model.config.image_token_id, dtype=torch.long, device=param.device)
+            ids[0, -4:] = 1
             model(input_ids=ids, pixel_values=px)
         else:
-            model.get_image_features(px)
-    return {n: tuple(cache[n].shape) for n in names}
+            model.image_features(px)
+    shapes = {n: tuple(cache[n].shape) for n in names}
+    if with_llm and not runs_llm:
+        hidden = getattr(getattr(model.config, "text_config", None), "hidden_size", "H")
+        shapes.update({n: (1, "T", hidden) for n in points if n.startswith("llm.")})
+    return {n: shapes[n] for n in points if n in shapes}
+
+
+def _blank_pixels(model, image_size: int | None, processor) -> torch.Tensor:
+    if processor is not None and not hasattr(model, "merge_image_features"):
+        from PIL import Image
+
+        side = image_size or 64
+        return processor.images([Image.new("RGB", (side, side), (128, 128, 128))])
+    size = image_size or model.config.image_size
+    return torch.zeros(1, 3, size, size)
 
 
 def _analytic_shapes(model, size: int, with_llm: bool) -> dict[str, tuple]:

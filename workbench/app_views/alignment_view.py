@@ -10,14 +10,15 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench.app_views import cache, compute
+from workbench.app_views import cache
+from workbench.pipelines import compute
 from workbench.app_views.context import AppConfig
 
 
 @st.cache_data(show_spinner=False)
 def _live_alignment(store: str, version: float, data: str, model_dir: str | None, preset: str | None,
                     steps: int) -> dict:
-    from workbench.demo import align_store
+    from workbench.pipelines.demo import align_store
 
     model, processor = cache.load_model(model_dir, preset)
     return align_store(store, data, model, processor, steps=steps, progress=False)

@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from workbench.app_views import cache, compute
+from workbench.app_views import cache
+from workbench.pipelines import compute
 from workbench.app_views.context import AppConfig, PathRefused, model_preset, resolve_under_root
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _live(model_dir: str | None, preset: str | None, image_key: str, question: str, answer: str, steps: int) -> dict:
-    from workbench.demo import attribution_record
+    from workbench.pipelines.demo import attribution_record
 
     model, processor = cache.load_model(model_dir, preset)
     image = _image_from_key(image_key)
@@ -103,7 +104,8 @@ def _live_panel(cfg: AppConfig) -> None:
     options: dict[str, str] = {}
     if cfg.store is not None and cfg.data is not None:
         s = cache.store(str(cfg.store))
-        for item, p in list(cache.image_paths(str(cfg.data), tuple(s.items)).items())[:200]:
+        paths, _ = cache.confined_images(cfg, tuple(s.items))
+        for item, p in list(paths.items())[:200]:
             options[f"store: {item}"] = p
     for name in packaged_image_names():
         options[f"packaged: {name}"] = f"packaged:{name}"

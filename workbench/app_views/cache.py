@@ -12,7 +12,9 @@ from typing import Any
 import numpy as np
 import streamlit as st
 
-from workbench.app_views import compute
+from workbench.app_views.context import AppConfig, confine_images
+from workbench.data.images import ImageError
+from workbench.pipelines import compute
 
 
 def store_version(path: str) -> float:
@@ -52,8 +54,15 @@ def labels_table(path: str, version: float) -> dict[str, list]:
 
 
 @st.cache_data(show_spinner="Finding the images...")
-def image_paths(data_dir: str | None, ids: tuple[str, ...]) -> dict[str, str]:
-    return {k: str(v) for k, v in compute.dataset_images(data_dir, ids).items()}
+def image_paths(data_dir: str | None, ids: tuple[str, ...], image_folder: str | None = None) -> dict[str, str]:
+    return {k: str(v) for k, v in compute.dataset_images(data_dir, ids, image_folder).items()}
+
+
+def confined_images(cfg: AppConfig, ids: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """(id -> image path under the app's root, id -> why refused) for the items of the open data set;
+    the one door through which views get data-set images (see `context.confine_images`)."""
+    folder = str(cfg.image_folder) if cfg.image_folder else None
+    return confine_images(image_paths(str(cfg.data) if cfg.data else None, ids, folder), cfg.root)
 
 
 @st.cache_data(show_spinner=False, max_entries=2048)
@@ -61,9 +70,22 @@ def thumbnail(path: str, size: int = 96):
     return compute.thumbnail(path, size)
 
 
+def thumbnail_or_reason(path: str, size: int = 96):
+    """(thumbnail, None), or (None, why) for an image that is missing or cannot be decoded: a data set
+    may list such files (a capture records them as failed items), and one must not break a view."""
+    try:
+        return thumbnail(path, size), None
+    except ImageError as exc:
+        return None, str(exc)
+
+
 @st.cache_data(show_spinner=False, max_entries=2048)
 def thumbnail_url(path: str, size: int = 72) -> str:
-    return compute.data_url(compute.thumbnail(path, size))
+    """A data: URL for chart tooltips; empty for an image that cannot be shown (no tooltip picture)."""
+    try:
+        return compute.data_url(compute.thumbnail(path, size))
+    except ImageError:
+        return ""
 
 
 @st.cache_data(show_spinner=False)
@@ -84,9 +106,9 @@ def load_model(model_dir: str | None, preset: str | None):
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     if model_dir:
-        from model.builder import load_model as _load
+        from model.loading import load_model as _load
 
         return _load(model_dir)
-    from model.builder import build_model
+    from model.loading import build_model
 
     return build_model(preset or "tiny", seed=0)

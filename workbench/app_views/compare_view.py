@@ -1,14 +1,18 @@
-"""Encoder comparison: the results tables of `fvl compare` and CKA matrices (between encoders, taps or
-streams). Without a compare file, the CKA between this store's taps is computed live (small: pooled
-features, one matrix)."""
+"""Encoder comparison: the verdicts of `fvl compare` (each paper claim's difference with its interval), the
+cheap measures against VQA, the variants table and the figures - the same content as compare.md. A results
+file in the older table-only form is still shown as tables and CKA matrices. Without a store, nothing live;
+with one, the CKA between this store's taps is computed live (small: pooled features, one matrix)."""
 from __future__ import annotations
 
 import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench.app_views import cache, compute
+from workbench.app_views import cache
 from workbench.app_views.context import AppConfig
+from workbench.pipelines import compute
+
+VERDICT_COLOURS = {"reproduced": "#2ca02c", "reversed": "#d62728", "unresolved": "#7f7f7f"}
 
 
 @st.cache_data(show_spinner=False)
@@ -28,20 +32,74 @@ def cka_chart(labels: list[str], matrix, title: str = "") -> alt.Chart:
     return (heat + text).properties(title=title, width=min(60 * len(labels), 640), height=min(60 * len(labels), 640))
 
 
+def _ci(x: dict | None) -> str:
+    if not isinstance(x, dict) or x.get("value") is None:
+        return "-"
+    lo, hi = x.get("ci_low"), x.get("ci_high")
+    return f"{x['value']:.3f} [{'n/a' if lo is None else f'{lo:.3f}'}, {'n/a' if hi is None else f'{hi:.3f}'}]"
+
+
+def forest_chart(orderings: list[dict]) -> alt.Chart:
+    """The claims' differences with intervals, coloured by verdict (the forest plot of compare.md)."""
+    df = pd.DataFrame([{"claim": f"{o['source']}: {o['claim']}", "diff": o["diff"], "low": o["ci_low"],
+                        "high": o["ci_high"], "verdict": o["verdict"], "metric": o["metric"]} for o in orderings])
+    colour = alt.Color("verdict:N", scale=alt.Scale(domain=list(VERDICT_COLOURS), range=list(VERDICT_COLOURS.values())))
+    y = alt.Y("claim:N", sort=None, title=None)
+    bars = alt.Chart(df).mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title="difference (paper's direction > 0)"),
+                                                         x2="high:Q", y=y, color=colour)
+    dots = alt.Chart(df).mark_circle(size=60).encode(x="diff:Q", y=y, color=colour,
+                                                    tooltip=["claim", "metric", "diff", "low", "high", "verdict"])
+    zero = alt.Chart(pd.DataFrame({"x": [0]})).mark_rule(color="black").encode(x="x:Q")
+    return (bars + dots + zero).properties(height=28 * len(df) + 40)
+
+
+def _render_verdicts(data: dict) -> None:
+    orderings = data["orderings"]
+    counts = {k: sum(o["verdict"] == k for o in orderings) for k in VERDICT_COLOURS}
+    st.subheader("The paper's claims")
+    st.caption(f"seeds {data.get('seeds')}; " + ", ".join(f"{k}: {v}" for k, v in counts.items())
+               + f"; untestable with these variants: {len(data.get('untestable') or [])}")
+    st.dataframe(pd.DataFrame([{
+        "source": o["source"], "claim": o["claim"], "metric": o["metric"],
+        "paper": "; ".join(f"{k} {'?' if v is None else v}" for k, v in o["paper"].items()),
+        "ours": "; ".join(f"{k} {_ci(x)}" for k, x in o["ours"].items()),
+        "difference": _ci({"value": o["diff"], "ci_low": o["ci_low"], "ci_high": o["ci_high"]}),
+        "verdict": o["verdict"]} for o in orderings]), hide_index=True, width="stretch")
+    st.altair_chart(forest_chart(orderings))
+    st.subheader("Cheap measures against VQA accuracy")
+    st.dataframe(pd.DataFrame([{
+        "measure": k, "better": p["better"],
+        "Spearman": _ci({"value": p["spearman"], "ci_low": p["ci_low"], "ci_high": p["ci_high"]}),
+        "would pick": p["picks"], "best by VQA": p["best"], "picks best": p["picks_best"]}
+        for k, p in data["proxies"].items()]), hide_index=True, width="stretch")
+    st.subheader("Variants")
+    cols = ["vqa.overall", "vqa.reading", "alignment", "probe", "correspondence"]
+    st.dataframe(pd.DataFrame([{"variant": r["variant"], "encoder": r["encoder"], "training": r["training"],
+                                "fusion": r["fusion"], "prompts": r["prompts"], **{c: _ci(r.get(c)) for c in cols}}
+                               for r in data.get("variants") or []]), hide_index=True, width="stretch")
+
+
+def _render_tables(data, path, cfg: AppConfig) -> None:
+    tables, matrices = compute.compare_parts(data)
+    for name, rows in tables.items():
+        st.subheader(name)
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    for name, (labels, matrix) in matrices.items():
+        st.altair_chart(cka_chart(labels, matrix, f"CKA: {name}"))
+    if not tables and not matrices:
+        st.warning(f"{path} holds no tables or CKA matrices; rerun " + cfg.how_to_make("compare"))
+
+
 def render(cfg: AppConfig) -> None:
     st.header("Compare encoders")
     path = cfg.result("compare")
     if path is not None:
         data = cache.results(path)
-        tables, matrices = compute.compare_parts(data)
         st.caption(f"source: {path}")
-        for name, rows in tables.items():
-            st.subheader(name)
-            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        for name, (labels, matrix) in matrices.items():
-            st.altair_chart(cka_chart(labels, matrix, f"CKA: {name}"))
-        if not tables and not matrices:
-            st.warning(f"{path} holds no tables or CKA matrices; rerun " + cfg.how_to_make("compare"))
+        if isinstance(data, dict) and isinstance(data.get("orderings"), list) and isinstance(data.get("proxies"), dict):
+            _render_verdicts(data)
+        else:
+            _render_tables(data, path, cfg)
         figures = sorted(path.parent.glob("*.png"))
         if figures:
             st.subheader("Figures")

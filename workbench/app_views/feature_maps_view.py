@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from workbench.app_views import cache, compute
-from workbench.app_views.context import AppConfig, model_preset
+from workbench.app_views import cache
+from workbench.pipelines import compute
+from workbench.app_views.context import AppConfig, model_preset, refused_summary
 
 TILE = 168
 
@@ -105,11 +106,18 @@ def render(cfg: AppConfig) -> None:
     version = cache.store_version(path)
     s = cache.store(path)
     spatial = compute.spatial_taps(s.manifest)
-    paths = cache.image_paths(str(cfg.data) if cfg.data else None, tuple(s.items))
+    paths, refused = cache.confined_images(cfg, tuple(s.items))
     item = st.selectbox("image", s.items, key="fmap_item")
     image = None
     if item in paths:
-        image = np.asarray(cache.thumbnail(paths[item], 256))
+        thumb, why = cache.thumbnail_or_reason(paths[item], 256)
+        if thumb is None:  # listed but unreadable: treated as absent (no live maps from it either)
+            st.warning(why)
+            paths.pop(item)
+        else:
+            image = np.asarray(thumb)
+    elif item in refused:
+        st.warning(refused_summary({item: refused[item]}))
     pool = str(s.manifest.get("pool"))
     if spatial:
         st.caption(f"from the store (pool {pool}): {len(spatial)} spatial taps")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from workbench.app_views import cache, compute
+from workbench.app_views import cache
+from workbench.pipelines import compute
 from workbench.app_views.context import MAX_UPLOAD_MB, MAX_UPLOAD_PIXELS, AppConfig, model_preset
 
 

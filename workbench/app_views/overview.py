@@ -4,8 +4,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from workbench.app_views import cache, compute
-from workbench.app_views.context import RESULTS, AppConfig
+from workbench.app_views import cache
+from workbench.pipelines import compute
+from workbench.app_views.context import RESULTS, AppConfig, refused_summary
 
 GALLERY_MAX = 48
 
@@ -70,7 +71,9 @@ def render(cfg: AppConfig) -> None:
         values = sorted({str(v) for v in table[by].tolist()})
         chosen = f2.selectbox("value", values, key="gallery_value")
         table = table[table[by].astype(str) == chosen]
-    paths = cache.image_paths(str(cfg.data) if cfg.data else None, tuple(table["id"]))
+    paths, refused = cache.confined_images(cfg, tuple(table["id"]))
+    if refused:
+        st.warning(refused_summary(refused))
     if not paths:
         st.info("No images found for these items: pass `--data DIR` (the data set the store was captured from); "
                 "the labels are below.")
@@ -82,5 +85,9 @@ def render(cfg: AppConfig) -> None:
         for k, item in enumerate(shown):
             row = table[table["id"] == item].iloc[0]
             cap = item + "\n" + ", ".join(f"{n}={row[n]}" for n in lab)
-            cols[k % 6].image(cache.thumbnail(paths[item], 128), caption=cap, width="stretch")
+            thumb, why = cache.thumbnail_or_reason(paths[item], 128)
+            if thumb is None:
+                cols[k % 6].caption(f"{item}: not shown ({why})")
+                continue
+            cols[k % 6].image(thumb, caption=cap, width="stretch")
     st.dataframe(table, hide_index=True, width="stretch", height=240)

@@ -8,7 +8,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from workbench.app_views import cache, compute
+from workbench.app_views import cache
+from workbench.pipelines import compute
 from workbench.app_views.context import AppConfig
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from workbench.app_views import cache, compute
+from workbench.app_views import cache
+from workbench.pipelines import compute
 from workbench.app_views.context import AppConfig
 
 
@@ -50,7 +51,7 @@ def render(cfg: AppConfig) -> None:
     df = pd.DataFrame({"id": labels["id"], "x": xy[:, 0], "y": xy[:, 1]})
     for n in label_names:
         df[n] = [str(v) for v in labels[n]]
-    paths = cache.image_paths(str(cfg.data) if cfg.data else None, tuple(s.items))
+    paths, _ = cache.confined_images(cfg, tuple(s.items))
     tooltip = ["id", colour] + [n for n in label_names if n != colour][:3]
     if paths and len(df) <= 3000:  # vega-tooltip draws a field named `image` as a picture
         df["image"] = [cache.thumbnail_url(paths[i]) if i in paths else "" for i in df["id"]]
@@ -80,8 +81,9 @@ def render(cfg: AppConfig) -> None:
         cols = st.columns(8)
         for k, item in enumerate(chosen):
             row = df[df.id == item].iloc[0]
-            if item in paths:
-                cols[k % 8].image(cache.thumbnail(paths[item], 128), caption=f"{item}\n{colour}={row[colour]}", width="stretch")
+            thumb, why = cache.thumbnail_or_reason(paths[item], 128) if item in paths else (None, "no image")
+            if thumb is not None:
+                cols[k % 8].image(thumb, caption=f"{item}\n{colour}={row[colour]}", width="stretch")
             else:
                 cols[k % 8].write(f"{item}: {colour}={row[colour]}")
     else:

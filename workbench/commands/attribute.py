@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--answer", help="the answer whose score is attributed")
     p.add_argument("--probe", metavar="LABEL", default=None,
                    help="attribute a linear probe's logit for this label instead of an answer (needs --store, --tap)")
+    p.add_argument("--probe-file", default=None, metavar="DIR",
+                   help="attribute a probe saved by `fvl probe --save-probes` (OUT/probes/TAP/LABEL) as it is")
     p.add_argument("--store", default=None, help="feature store (mean/global pooled) the probe is fitted on")
     p.add_argument("--tap", default=None, help="the tap the probe reads, e.g. prompt.ocr")
     p.add_argument("--probe-class", default=None, help="class whose logit to attribute (default: the prediction)")
@@ -41,116 +43,116 @@ def register(sub) -> None:
     p.add_argument("--no-streams", action="store_true", help="skip the stream shares")
     p.add_argument("--float64", action="store_true", help="run in float64 (tighter completeness, slower)")
     p.add_argument("--json", action="store_true", help="print the JSON result")
+    p.add_argument("--force", action="store_true",
+                   help="use a --store captured from other weights anyway (recorded in the output)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from probes.attribution import (AnswerScore, AttributionError, pixel_attribution, plot_attribution,
-                                    stream_attribution)
-    from workbench.cli import UserError
-    from workbench.commands._common import open_model
+    from workbench.commands._common import UserError, check_output, model_id, open_model
     from workbench.data.images import ImageError, load_image, packaged_image
 
-    if args.probe:
-        if not (args.store and args.tap):
-            raise UserError("--probe LABEL needs --store STORE (to fit the probe) and --tap TAP (what it reads)")
-    elif not (args.question and args.answer):
-        raise UserError("pass --question and --answer (or --probe LABEL --store STORE --tap TAP)")
+    if args.probe and not args.probe_file and not (args.store and args.tap):
+        raise UserError("--probe LABEL needs --store STORE (to fit the probe) and --tap TAP (what it reads), "
+                        "or --probe-file DIR (a probe saved by `fvl probe --save-probes`)")
+    if not (args.probe or args.probe_file) and not (args.question and args.answer):
+        raise UserError("pass --question and --answer (or --probe LABEL --store STORE --tap TAP, or --probe-file DIR)")
     if args.steps < 2 or args.stream_steps < 2:
         raise UserError("--steps and --stream-steps must be at least 2")
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    out = check_output(args.out)
     try:
         image = packaged_image(args.image.split(":", 1)[1]) if args.image.startswith("packaged:") else load_image(args.image)
     except (ImageError, KeyError, FileNotFoundError) as exc:
         raise UserError(f"--image {args.image}: {exc}") from exc
+    probe = _probe_target(args) if args.probe or args.probe_file else None
     model, processor = open_model(args)
     if processor is None:
         raise UserError("this model has no processor (tokenizers); pass a model directory that holds them")
+    forced = _check_store_model(args, probe, model)
     if args.float64:
         model = model.double()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    px = processor.images([image])
+
+    from probes.attribution import AttributionError
+    from workbench.pipelines.attributing import attribute_image, write_attribution_outputs
+    from workbench.store import StoreError
+
     try:
-        target = _probe_target(args, model, px) if args.probe else \
-            AnswerScore(model, processor, args.question, args.answer, score=args.score, template=args.template)
-        pixels = pixel_attribution(model, px, target, method=args.method, steps=args.steps, baseline=args.baseline,
-                                   internal_batch_size=args.batch_size, window=args.window, stride=args.stride,
-                                   orig_size=tuple(image.size))
-        streams = None
-        if not args.no_streams and not args.probe and model.config.encoder_type == "florence2" \
-                and model.config.fusion != "average":
-            streams = stream_attribution(model, px, target, steps=args.stream_steps, baseline=args.stream_baseline,
-                                         pixel_baseline=args.baseline, internal_batch_size=args.batch_size)
-    except AttributionError as exc:
+        result = attribute_image(model, processor, image, question=args.question, answer=args.answer, probe=probe,
+                                 method=args.method, steps=args.steps, stream_steps=args.stream_steps,
+                                 score=args.score, baseline=args.baseline, stream_baseline=args.stream_baseline,
+                                 template=args.template, batch_size=args.batch_size, window=args.window,
+                                 stride=args.stride, streams=not args.no_streams, top=args.top)
+    except (AttributionError, StoreError) as exc:
         raise UserError(str(exc)) from exc
-    result = {"image": args.image, "model": args.model or f"preset:{args.preset or args._default_preset}",
-              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-              "pixels": pixels.to_dict(top_k=args.top), "streams": streams.to_dict() if streams else None}
-    warnings = []
-    for name, res in (("pixels", pixels), ("streams", streams)):
-        rel = res.relative_delta if res is not None else None
-        if rel is not None and rel > 0.05:
-            warnings.append(f"{name}: completeness delta is {rel:.1%} of F(x)-F(baseline); raise "
-                            f"--{'steps' if name == 'pixels' else 'stream-steps'} (or use --float64)")
-    result["warnings"] = warnings
-    (out / "attribution.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_attribution(pixels, streams, out / "attribution.png", has_global=not model.config.drop_global_token)
-    result["files"] = [str(out / "attribution.json"), str(out / "attribution.png")]
+    result = {"image": args.image, "model": model_id(args), **result}
+    if forced:
+        result["forced_store_mismatch"] = forced
+    try:
+        files = write_attribution_outputs(result, out, has_global=not model.config.drop_global_token)
+    except OSError as exc:
+        raise UserError(f"--out {args.out}: cannot write ({exc.strerror or exc}); choose a writable directory") from exc
+    pixels, streams = result.pop("_objects")
+    result["files"] = [str(f) for f in files]
     if args.json:
         print(json.dumps(result))
-    else:
-        t = pixels.target
-        what = f"{t['score']} of {t['first_token']!r} (answer {args.answer!r})" if t["kind"] == "answer" else \
-            f"probe logit for {t['label']} = {t['class']!r} on {t['tap']}"
-        print(f"target: {what}; F(x)={pixels.output:.4f}, F(baseline)={pixels.baseline_output:.4f}")
-        if pixels.delta is not None:
-            print(f"pixels ({args.method}): completeness delta {pixels.delta:.3g} ({pixels.relative_delta:.2%})")
-        if streams is not None:
-            shares = ", ".join(f"{k} {v:.1%}" for k, v in streams.shares.items())
-            print(f"stream shares: {shares}; delta {streams.delta:.3g} ({streams.relative_delta:.2%})")
-        for w in warnings:
-            print(f"warning: {w}")
-        print(f"wrote {out / 'attribution.json'} and {out / 'attribution.png'}")
+        return 0
+    t = pixels.target
+    what = f"{t['score']} of {t['first_token']!r} (answer {args.answer!r})" if t["kind"] == "answer" else \
+        f"probe logit for {t['label']} = {t['class']!r} on {t['tap']}"
+    print(f"target: {what}; F(x)={pixels.output:.4f}, F(baseline)={pixels.baseline_output:.4f}")
+    if pixels.delta is not None:
+        print(f"pixels ({args.method}): completeness delta {pixels.delta:.3g} ({pixels.relative_delta:.2%})")
+    if streams is not None:
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in streams.shares.items())
+        print(f"stream shares: {shares}; delta {streams.delta:.3g} ({streams.relative_delta:.2%})")
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {files[0]} and {files[1]}")
     return 0
 
 
-def _probe_target(args, model, px):
-    """A ProbeScore for --probe LABEL: a logistic probe fitted on --store's --tap, for --probe-class
-    (default: the class the probe predicts for this image)."""
-    import torch
+def _check_store_model(args, probe, model) -> list[str]:
+    """Refuse a probe store captured from other weights than --model/--preset (unless --force)."""
+    from workbench.commands._common import UserError
+    from workbench.store import StoreMismatchError, model_fingerprint
 
-    from probes.attribution import AttributionError, ProbeScore, probe_from_store
-    from workbench.cli import UserError
+    if probe is None or probe.store is None:   # no probe, or a saved probe (--probe-file): no store to check
+        return []
+    try:
+        return probe.store.check_against(model_fingerprint=model_fingerprint(model, getattr(args, "model", None)),
+                                         force=args.force)
+    except StoreMismatchError as exc:
+        raise UserError(f"--store {args.store}: {exc}") from exc
+
+
+def _probe_target(args):
+    """--probe-file DIR, or --probe LABEL --store STORE --tap TAP [--probe-class C], as a pipeline ProbeTarget
+    (the probe or store opened here, so a bad one is refused before the model loads)."""
+    from workbench.commands._common import UserError
+    from workbench.pipelines.attributing import ProbeTarget
     from workbench.store import FeatureStore, StoreError
+
+    if args.probe_file:
+        from probes.estimator import LinearProbe
+
+        try:
+            fitted = LinearProbe.load(args.probe_file)
+        except (ValueError, OSError, KeyError) as exc:
+            raise UserError(f"--probe-file {args.probe_file}: {exc}") from exc
+        about = fitted.about
+        tap, label = args.tap or about.get("tap"), args.probe or about.get("label", "probe")
+        if not tap:
+            raise UserError(f"--probe-file {args.probe_file}: the probe does not say which tap it reads; pass --tap")
+        return ProbeTarget(None, tap, label, args.probe_class, fitted=fitted, pool=about.get("pool", "mean"))
 
     try:
         store = FeatureStore(args.store)
     except (StoreError, OSError, ValueError) as exc:
         raise UserError(f"--store {args.store}: {exc}") from exc
-    probe, classes = probe_from_store(store, args.tap, args.probe)
-    pool = store.manifest.get("pool", "mean")
-    binary = len(classes) == 2
-    score = ProbeScore(model, args.tap, probe, class_index=None if binary else 0, pool=pool)
-    try:
-        with torch.no_grad():
-            logits = score.logits(px)[0].reshape(-1)
-    except RuntimeError as exc:  # e.g. a store of another model: the widths differ
-        raise UserError(f"--store {args.store}: its {args.tap} features do not fit this model's ({exc}); "
-                        "attribute with the model that captured the store") from exc
-    if args.probe_class is None:
-        pick = int(logits[0] > 0) if binary else int(logits.argmax())
-    elif args.probe_class in classes:
-        pick = classes.index(args.probe_class)
-    else:
-        raise AttributionError(f"--probe-class {args.probe_class!r} is not a class of {args.probe}: {classes}")
-    if binary and pick == 0:  # one logit for classes[1]: attribute its negation for classes[0]
-        score = ProbeScore(model, args.tap, lambda x: -probe(x), class_index=None, pool=pool)
-    elif not binary:
-        score.class_index = pick
-    score.description = {"label": args.probe, "class": classes[pick], "classes": classes}
-    return score
-
+    if args.tap not in store.taps:
+        raise UserError(f"--tap {args.tap}: not in {args.store}; it has {store.taps}")
+    if args.probe not in store.label_names():
+        raise UserError(f"--probe {args.probe}: no such label in {args.store}; it has {store.label_names()}")
+    return ProbeTarget(store, args.tap, args.probe, args.probe_class)

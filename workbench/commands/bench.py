@@ -27,7 +27,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError
 
     names = available()
     if args.list or not args.name:

@@ -35,10 +35,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from probes.streams import plot_shapley, stream_shapley
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError, check_output
     from workbench.commands._common import open_model
     from workbench.data.dataset import DatasetError, load_qa
 
+    check_output(args.out)
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -52,6 +53,11 @@ def run(args) -> int:
         raise UserError(f"--data {args.data}: no questions in split {args.split!r}"
                         + (f" of types {types}" if types else "") + "; check --split/--types")
     rows = rows[: args.limit]
+    missing = sorted({r["image"] for r in rows if not Path(r["image"]).is_file()})
+    if missing:
+        raise UserError(f"--data {args.data}: {len(missing)} image(s) of the selected questions are missing "
+                        f"(e.g. {missing[0]}); restore them (`fvl data check {args.data}` lists every bad image) "
+                        "or regenerate the data set with `fvl data synth`")
     model, processor = open_model(args)
     if processor is None:
         raise UserError("this model has no processor (tokenizers); pass a model directory that holds them")

@@ -10,7 +10,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "convert", help="convert an official Florence-2 / Florence-VL checkpoint into this project's layout",
         description="Convert a Florence-VL checkpoint (LLaVA layout, e.g. jiuhai/florence-vl-8b-sft) into a directory "
-                    "loadable by `fvl` (model.builder.load_model), or a Florence-2 checkpoint (microsoft/Florence-2-*) "
+                    "loadable by `fvl` (model.loading.load_model), or a Florence-2 checkpoint (microsoft/Florence-2-*) "
                     "into transformers' native Florence-2 layout. Weights are read from safetensors or with "
                     "torch.load(weights_only=True); nothing is unpickled or executed.")
     p.add_argument("--src", required=True, help="checkpoint directory, or a hub repo id (needs network access)")
@@ -36,10 +36,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError, check_output
 
-    from model.convert import CheckpointError, convert_checkpoint
+    check_output(args.out)  # before torch and transformers load
+
     from model.device import parse_dtype
+    from model.loading import CheckpointError, convert_checkpoint
 
     try:
         dtype = parse_dtype(args.dtype)

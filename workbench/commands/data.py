@@ -2,7 +2,11 @@
 
     fvl data synth --kind scenes --n 1000 --seed 0 --image-size 384 --out data/scenes [--splits 0.8,0.1,0.1]
     fvl data info PATH            what a dataset holds (kind, size, splits, labels, fingerprint)
-    fvl data check PATH           open every image with the robust loader; list the bad ones
+    fvl data check PATH           open every image with the robust loader; list every bad one
+
+PATH is a `fvl data synth` directory, a LLaVA .json/.jsonl or a COCO-style .json (with
+`--image-folder DIR` when its image paths are relative to another folder), or an image folder
+(labels from a Hugging Face `metadata.jsonl`, or from subfolder names).
 
 `--kind scenes` is built in. Another kind NAME is served by a module `workbench.data.NAME`
 that defines `synth_dataset(out, n, seed, image_size, splits, progress) -> object`, so other
@@ -14,6 +18,8 @@ import argparse
 
 
 def register(sub) -> None:
+    from workbench.data.dataset import add_image_folder_option
+
     p = sub.add_parser("data", help="make synthetic datasets and inspect image datasets",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
@@ -35,13 +41,13 @@ def register(sub) -> None:
 
     i = dsub.add_parser("info", help="summarise a dataset: synthetic dir, LLaVA .json or image folder")
     i.add_argument("path")
-    i.add_argument("--image-folder", default=None, help="for a LLaVA file: folder its image paths are relative to")
+    add_image_folder_option(i)
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=run_info)
 
     c = dsub.add_parser("check", help="load every image of a dataset with the robust loader and report failures")
     c.add_argument("path")
-    c.add_argument("--image-folder", default=None, help="for a LLaVA file: folder its image paths are relative to")
+    add_image_folder_option(c)
     c.add_argument("--min-side", type=int, default=8, help="smallest accepted image side (default 8)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=run_check)
@@ -51,9 +57,10 @@ def register(sub) -> None:
 def run_synth(args) -> int:
     import importlib
 
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError, check_output
     from workbench.data.synth import SynthError, parse_splits, synth_scenes
 
+    check_output(args.out)
     try:
         splits = parse_splits(args.splits)
         if args.kind == "scenes":
@@ -83,12 +90,12 @@ def run_synth(args) -> int:
         raise UserError(str(exc)) from None
 
 
-def _open(args):
-    from workbench.cli import UserError
+def _open(args, check_images: bool = True):
+    from workbench.commands._common import UserError
     from workbench.data.dataset import open_dataset
 
     try:
-        return open_dataset(args.path, image_folder=args.image_folder)
+        return open_dataset(args.path, image_folder=args.image_folder, check_images=check_images)
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -100,7 +107,9 @@ def run_info(args) -> int:
     ds = _open(args)
     info = {"kind": ds.kind, "source": str(ds.source), "n": len(ds),
             "splits": {name: len(ds.split(name)) for name in ds.splits},
-            "label_names": ds.label_names, "fingerprint": ds.fingerprint}
+            "label_names": ds.label_names, "with_captions": len(ds.captions()),
+            "missing_images": len(ds.missing()),  # a stat per item; `fvl data check` decodes them too
+            "fingerprint": ds.fingerprint}
     manifest = Path(ds.root) / "manifest.json"
     if ds.kind == "synthetic" and manifest.is_file():
         m = json.loads(manifest.read_text())
@@ -124,17 +133,28 @@ def run_check(args) -> int:
 
     from workbench.data.images import ImageError, load_image
 
-    ds = _open(args)
+    from workbench.commands._common import UserError
+
+    if args.min_side < 1:
+        raise UserError(f"--min-side {args.min_side}: give a positive number of pixels")
+    ds = _open(args, check_images=False)  # a wrong image folder is listed item by item, then explained
     bad = []
     for item in tqdm(ds, desc="checking", unit="img", disable=args.json):
         try:
             load_image(item.image_path, min_side=args.min_side)
         except ImageError as exc:
             bad.append({"id": item.id, "path": str(item.image_path), "error": str(exc)})
+    hint = None
+    if bad and len(bad) == len(ds) and ds.kind in ("llava", "coco") and not any(
+            item.image_path.exists() for item in ds):
+        hint = (f"none of the images exist under {ds.root}; pass --image-folder DIR, the folder the file's image "
+                "paths are relative to")
     if args.json:
-        print(json.dumps({"n": len(ds), "bad": bad}))
+        print(json.dumps({"n": len(ds), "bad": bad, **({"hint": hint} if hint else {})}))
     else:
         for b in bad:
             print(f"{b['id']}: {b['error']}")
         print(f"{len(ds) - len(bad)} of {len(ds)} images load; {len(bad)} bad")
+        if hint:
+            print(hint)
     return 1 if bad else 0

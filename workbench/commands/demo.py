@@ -16,19 +16,20 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=None,
                    help="synthetic images for training and analysis (default: the recipe's; 48 with --quick)")
     p.add_argument("--recipe", default=None, metavar="JSON",
-                   help='training recipe overrides, e.g. \'{"image_size": 192, "n_images": 1000}\' (model.recipe.RecipeConfig fields)')
+                   help='training recipe overrides, e.g. \'{"image_size": 192, "n_images": 1000}\' (model.training.recipe.RecipeConfig fields)')
     p.add_argument("--only", default=None, help="stop after this step (data, train, capture, probe, align, "
                                                  "attribute, project, report)")
     p.add_argument("--redo", default="", help="comma-separated steps to run again even if complete")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, resumable=True)
 
 
 def run(args) -> int:
     import dataclasses
 
-    from workbench.cli import UserError
-    from workbench.demo import STEPS, DemoSettings, app_command, run_demo
+    from workbench.commands._common import UserError
+    from workbench.pipelines.demo import STEPS, DemoSettings, run_demo
+    from workbench.pipelines.rundir import app_command
 
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     changes = {}

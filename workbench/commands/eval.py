@@ -8,10 +8,40 @@
 (count, color, shape, position, reading, existence) and overall, beside each type's chance level.
 `florence2` scores a native Florence-2 (a `florence2/` folder, or a model directory holding one):
 OCR exact match, caption token F1 and region box recall at IoU 0.5.
+Both run on `--device auto|cpu|cuda|cuda:N` in `--dtype auto|float32|bfloat16|float16`.
 """
 from __future__ import annotations
 
 import argparse
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when present)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto, float32, bfloat16 or float16 (default auto: bf16 on GPUs that have it, fp32 on CPU)")
+
+
+def _device_and_dtype(args):
+    """(torch device, torch dtype) of --device / --dtype, refused by name when unusable here."""
+    from model.device import check_device_text, check_dtype_text, resolve_device, resolve_dtype
+    from workbench.commands._common import UserError
+
+    try:
+        check_device_text(args.device)
+        check_dtype_text(args.dtype)
+        device = resolve_device(args.device)
+        return device, resolve_dtype(args.dtype, device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _check_counts(args, names: tuple[str, ...]) -> None:
+    from workbench.commands._common import UserError
+
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
 def register(sub) -> None:
@@ -31,6 +61,7 @@ def register(sub) -> None:
                    help="chat template (default: the model's; phi3 for a plain-template model)")
     v.add_argument("--predictions", default=None, metavar="FILE", help="also write every prediction as JSON lines")
     v.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    _add_device_args(v)
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.set_defaults(func=run_vqa)
 
@@ -45,6 +76,7 @@ def register(sub) -> None:
     f.add_argument("--image-size", type=int, default=None,
                    help="input side (default: the one recorded with the checkpoint)")
     f.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    _add_device_args(f)
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(func=run_florence2)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
@@ -53,7 +85,7 @@ def register(sub) -> None:
 def _check_data(path: str, needed: str):
     from pathlib import Path
 
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError
 
     d = Path(path)
     if not (d / needed).is_file():
@@ -64,18 +96,29 @@ def _check_data(path: str, needed: str):
 def run_vqa(args) -> int:
     import json
 
+    from workbench.commands._common import UserError, check_model_arg, check_output, open_model
+
+    check_model_arg(args)
+    _check_counts(args, ("limit", "batch_size", "max_new_tokens", "threads"))
+    data = _check_data(args.data, "qa.jsonl")
+    if args.predictions:
+        check_output(args.predictions, "--predictions")
+    device, dtype = _device_and_dtype(args)
     import torch
 
-    from model.evaluate import evaluate_vqa
-    from workbench.cli import UserError
-    from workbench.commands._common import open_model
+    from model.training.evaluate import evaluate_vqa
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = _check_data(args.data, "qa.jsonl")
-    model, processor = open_model(args)
-    if processor is None:
-        raise UserError("this model has no processor (a real-size preset on the meta device); pass --model DIR")
+    model, processor = open_model(args, device=str(device), dtype=dtype)
+    if processor is None or not hasattr(model, "mm_projector"):
+        raise UserError("VQA needs a Florence-VL model with its processor; pass --model DIR written by `fvl train` "
+                        "or `fvl convert`, or --preset NAME")
+    model.to(device=device, dtype=dtype)
+    limit = model.config.text_config.max_position_embeddings
+    if args.max_new_tokens >= limit:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: the model's position table holds {limit} "
+                        "positions (prompt included); choose far fewer")
     try:
         result = evaluate_vqa(model, processor, data, args.split, template=args.template, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens, limit=args.limit, progress=not args.json,
@@ -83,10 +126,14 @@ def run_vqa(args) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     preds = result.pop("predictions", None)
+    result.update(device=str(device), dtype=str(dtype).replace("torch.", ""))
     if args.predictions:
-        with open(args.predictions, "w") as fh:
-            for row in preds or []:
-                fh.write(json.dumps(row) + "\n")
+        from workbench.data.files import atomic_write_text, describe_os_error
+
+        try:
+            atomic_write_text(args.predictions, "".join(json.dumps(row) + "\n" for row in preds or []))
+        except OSError as exc:
+            raise UserError(f"--predictions {args.predictions}: {describe_os_error(exc)}") from None
     if args.json:
         print(json.dumps(result))
     else:
@@ -101,15 +148,20 @@ def run_florence2(args) -> int:
     import json
     from pathlib import Path
 
+    from workbench.commands._common import UserError
+
+    _check_counts(args, ("image_size", "threads"))
+    if args.limit < 0:
+        raise UserError(f"--limit {args.limit}: must be 0 (all images) or more")
+    data = _check_data(args.data, "florence2_tasks.json")
+    device, dtype = _device_and_dtype(args)
     import torch
 
-    from model.evaluate import evaluate_florence2
-    from model.florence2_pretrain import FLORENCE2_DIR, load_florence2
-    from workbench.cli import UserError
+    from model.training.evaluate import evaluate_florence2
+    from model.training.florence2 import FLORENCE2_DIR, load_florence2
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = _check_data(args.data, "florence2_tasks.json")
     path = Path(args.model)
     if (path / FLORENCE2_DIR / "config.json").is_file():
         path = path / FLORENCE2_DIR
@@ -117,6 +169,7 @@ def run_florence2(args) -> int:
         raise UserError(f"--model {args.model}: not a Florence-2 directory; pass OUT/model (or OUT/model/florence2) "
                         "written by `fvl train florence2`")
     florence2, tokenizer = load_florence2(path)
+    florence2.to(device=device, dtype=dtype)
     size = args.image_size
     if size is None and (path / "florence2_image_size.json").is_file():
         size = json.loads((path / "florence2_image_size.json").read_text())["image_size"]
@@ -130,6 +183,7 @@ def run_florence2(args) -> int:
                                     caption_task=args.caption_task, progress=not args.json)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
+    result.update(device=str(device), dtype=str(dtype).replace("torch.", ""))
     if args.json:
         print(json.dumps(result))
     else:

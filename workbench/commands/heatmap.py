@@ -43,11 +43,16 @@ def register(sub) -> None:
 
 
 def run_figures(args) -> int:
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError, check_output
     from workbench.data.stick_figures import write_stick_figures
 
     if args.n < 2:
         raise UserError("--n must be at least 2 (train and test figures)")
+    if args.size < 16:
+        raise UserError(f"--size {args.size}: give at least 16 pixels")
+    if not 0.0 <= args.occlude <= 1.0:
+        raise UserError(f"--occlude {args.occlude}: give a probability between 0 and 1")
+    check_output(args.out)
     try:
         meta = write_stick_figures(args.out, args.n, args.size, seed=args.seed, test_fraction=args.test_fraction,
                                    occlude_prob=args.occlude)
@@ -78,11 +83,18 @@ def run_probe(args) -> int:
     import json
     from pathlib import Path
 
+    from workbench.commands._common import UserError, check_output
+
+    for flag in ("epochs", "batch_size", "channels"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
+    check_output(args.out)  # before torch loads and before any training
+
     import numpy as np
 
     from probes.heatmap import train_heatmap_probe
     from probes.plots import plot_pck_bars, save
-    from workbench.cli import UserError
+    from workbench.data.files import atomic_write_text
     from workbench.store import FeatureStore, StoreError
 
     try:
@@ -143,7 +155,7 @@ def run_probe(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"store": str(args.store), "figures": str(args.figures), "image_size": size, "results": results}
-    (out / "heatmap.json").write_text(json.dumps(doc, indent=2, default=float))
+    atomic_write_text(out / "heatmap.json", json.dumps(doc, indent=2, default=float))
     save(plot_pck_bars(results), out / "pck.png")
     if args.json:
         print(json.dumps(doc, default=float))

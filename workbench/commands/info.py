@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 
 
+from workbench.commands._common import add_model_args, check_model_arg, open_model, preset_name
+
+
 def register(sub) -> None:
     p = sub.add_parser("info", help="parameter counts by component (vision_tower, florence2_encoder, projector, llm)")
-    p.add_argument("--preset", default="tiny", help="preset name (tiny, small, base, florence-vl-3b, florence-vl-8b)")
-    p.add_argument("--model", metavar="DIR", help="a saved model directory instead of a preset")
+    add_model_args(p, default_preset="tiny")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -44,20 +46,15 @@ def parameter_counts(model) -> dict:
 
 
 def run(args) -> int:
-    from workbench.commands._common import open_model
-
+    check_model_arg(args)  # refuses an unknown preset or a missing directory before torch loads
     if args.model:
         model, _ = open_model(args)
         name = args.model
     else:
-        from model.builder import build_model
-        from model.config import PRESETS
-        from workbench.cli import UserError
+        from model.loading import build_model
 
-        if args.preset not in PRESETS:
-            raise UserError(f"--preset {args.preset}: unknown preset; choose one of: {', '.join(PRESETS)}")
-        model, _ = build_model(args.preset, device="meta")
-        name = args.preset
+        name = preset_name(args)
+        model, _ = build_model(name, device="meta")
     counts = parameter_counts(model)
     cfg = model.config
     result = {"model": name, **counts, "llm_type": cfg.text_config.model_type, "streams": cfg.stream_names,

@@ -1,17 +1,17 @@
-"""`fvl probe`: linear probes of every stored tap for every label (grouped CV, C sweep with
-nested selection, control tasks / selectivity). Writes DIR/probe.json (ProbeMatrix.to_dict()),
-DIR/probe.md and DIR/probe.png."""
+"""`fvl probe`: linear probes of every stored tap for every label (grouped CV, C sweep with nested
+selection, control tasks / selectivity). Writes DIR/probe.json, DIR/probe.md and DIR/probe.png.
+The work is `workbench.pipelines.probing.probe_store`; this module parses, calls it and prints."""
 from __future__ import annotations
-
-MAX_CLASSES = 50
 
 
 def register(sub) -> None:
     p = sub.add_parser("probe", help="linear probes: taps x labels with grouped CV, C sweep and control tasks")
     p.add_argument("--store", required=True, help="a feature store written by `fvl capture`")
-    p.add_argument("--taps", default=None, help="comma-separated taps or views (default: every tap except llm.*)")
+    p.add_argument("--taps", default=None,
+                   help="comma-separated taps, views or globs as `fvl capture` takes them (e.g. 'prompt.*', "
+                        "'fusion.input[*]', all; default: every tap except llm.*)")
     p.add_argument("--labels", default=None, help="comma-separated label names (default: every usable label)")
-    p.add_argument("--folds", type=int, default=5, help="grouped CV folds (default 5)")
+    p.add_argument("--folds", type=int, default=5, help="grouped CV folds, 2 up to the number of groups (default 5)")
     p.add_argument("--cs", default=None, help="comma-separated C values (default: 8 values, 1e-4 .. 1e2)")
     p.add_argument("--select", choices=["inner", "cv"], default="inner",
                    help="choose C on an inner validation split per fold (default) or by mean CV score")
@@ -21,120 +21,81 @@ def register(sub) -> None:
                    help="how token maps (N, D) become one vector per item (default mean)")
     p.add_argument("--group-by", default=None, help="a label holding the group (image) id (default: the item id)")
     p.add_argument("--types", default=None, help="a label holding the control-task type (default: the group)")
-    p.add_argument("--regression", default=None, help="comma-separated labels to treat as regression targets")
+    p.add_argument("--regression", default=None, help="comma-separated numeric labels to treat as regression targets")
     p.add_argument("--classification", default=None, help="comma-separated labels to treat as classes")
     p.add_argument("--precondition", choices=["auto", "on", "off"], default="auto",
                    help="precondition the probe solver with the features' covariance: auto (when it is far "
                         "from isotropic, as real features are), on or off; changes speed, not results")
+    p.add_argument("--device", default="cpu",
+                   help="where the batched solver runs: cpu (default), cuda, cuda:N or auto (float32 either way)")
+    p.add_argument("--save-probes", action="store_true",
+                   help="also fit and save each classification probe at its chosen C (DIR/probes/TAP/LABEL), "
+                        "for `fvl attribute --probe-file`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory (probe.json, probe.md, probe.png)")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     p.set_defaults(func=run)
 
 
-def _split(text: str | None) -> list[str]:
-    return [t.strip() for t in (text or "").split(",") if t.strip()]
+def _parse_numbers(args):
+    """(Cs, pca) from --cs and --pca, refused by name when malformed."""
+    from workbench.commands._common import UserError
 
-
-def usable_labels(labels: dict, names: list[str], tasks: dict[str, str], n_folds: int) -> tuple[list[str], dict[str, str]]:
-    """Labels worth probing, and why the others are skipped (constant, mostly missing, id-like)."""
-    import numpy as np
-
-    from probes.linear import _missing_mask, detect_task
-
-    keep, skipped = [], {}
-    for name in names:
-        y = np.asarray(labels[name])
-        valid = y[~_missing_mask(y)]
-        if valid.size < 2 * n_folds:
-            skipped[name] = f"only {valid.size} values"
-            continue
-        distinct = np.unique(valid.astype(str)).size
-        if distinct < 2:
-            skipped[name] = "constant"
-            continue
-        task = tasks.get(name) or detect_task(y)
-        if task == "classification" and (distinct > MAX_CLASSES or 2 * distinct > valid.size):
-            skipped[name] = (f"{distinct} classes for {valid.size} values (id-like or free text; "
-                             f"pass --regression {name} if numeric)")
-            continue
-        keep.append(name)
-    return keep, skipped
+    try:
+        cs = [float(c) for c in (args.cs or "").split(",") if c.strip()] or None
+    except ValueError:
+        raise UserError(f"--cs {args.cs}: give comma-separated positive numbers, e.g. 0.01,0.1,1,10") from None
+    if cs is not None and min(cs) <= 0:
+        raise UserError(f"--cs {args.cs}: every C must be positive, e.g. 0.01,0.1,1,10")
+    if args.pca in ("auto", "none"):
+        return cs, None if args.pca == "none" else "auto"
+    try:
+        pca = int(args.pca)
+    except ValueError:
+        raise UserError(f"--pca {args.pca}: use 'auto', 'none' or a number of dimensions") from None
+    if pca < 1:
+        raise UserError(f"--pca {args.pca}: give at least 1 dimension, or 'none'")
+    return cs, pca
 
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
-    import numpy as np
-
-    from probes.linear import DEFAULT_CS, probe_matrix
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError, check_output
     from workbench.store import FeatureStore, StoreError
 
+    if args.folds < 2:
+        raise UserError(f"--folds {args.folds}: use 2 or more (up to the number of groups in the store)")
+    cs, pca = _parse_numbers(args)
+    out = check_output(args.out)
     try:
         store = FeatureStore(args.store)
     except (StoreError, OSError) as exc:
         raise UserError(f"--store {args.store}: {exc}") from exc
-    if not store.items:
-        raise UserError(f"--store {args.store} holds no captured items; run `fvl capture` first")
-    taps = _split(args.taps) or [t for t in store.taps if not t.startswith("llm.")]
-    bad = [t for t in taps if t not in store.taps and t not in store.view_names]
-    if bad:
-        raise UserError(f"--taps: {bad} not in the store; it has {store.taps + store.view_names}")
-    labels = store.labels()
-    wanted = _split(args.labels) or list(labels)
-    missing = [n for n in wanted if n not in labels]
-    if missing:
-        raise UserError(f"--labels: {missing} not in the store; it has {sorted(labels)}")
-    tasks = {n: "regression" for n in _split(args.regression)}
-    tasks.update({n: "classification" for n in _split(args.classification)})
-    names, skipped = usable_labels(labels, [n for n in wanted if n not in (args.group_by, args.types)], tasks,
-                                   args.folds)
-    if not names:
-        raise UserError(f"no usable labels to probe (skipped: {skipped}); pass --labels with per-item labels")
-    for n, why in skipped.items():
-        print(f"fvl probe: skipping label {n!r}: {why}")
-    groups = np.asarray(store.items)
-    if args.group_by:
-        if args.group_by not in labels:
-            raise UserError(f"--group-by {args.group_by}: no such label; labels: {sorted(labels)}")
-        groups = np.asarray(labels[args.group_by]).astype(str)
-    types = None
-    if args.types:
-        if args.types not in labels:
-            raise UserError(f"--types {args.types}: no such label; labels: {sorted(labels)}")
-        types = np.asarray(labels[args.types]).astype(str)
-    try:
-        Cs = [float(c) for c in _split(args.cs)] or list(DEFAULT_CS)
-    except ValueError as exc:
-        raise UserError(f"--cs {args.cs}: give comma-separated numbers, e.g. 0.01,0.1,1,10") from exc
-    pca = None if args.pca == "none" else ("auto" if args.pca == "auto" else None)
-    if args.pca not in ("auto", "none"):
-        try:
-            pca = int(args.pca)
-        except ValueError as exc:
-            raise UserError(f"--pca {args.pca}: use 'auto', 'none' or a number of dimensions") from exc
-    feats = {t: store.load(t, dtype="float32") for t in taps}
-    try:
-        matrix = probe_matrix(feats, {n: labels[n] for n in names}, groups, types=types, tasks=tasks, Cs=Cs,
-                              n_folds=args.folds, select=args.select, control=not args.no_control, pca=pca,
-                              pool=args.pool, seed=args.seed, progress=not args.json,
-                              precondition={"auto": "auto", "on": True, "off": False}[args.precondition])
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    d = matrix.to_dict()
-    d["settings"].update({"store": str(args.store), "skipped_labels": skipped})
-    (out / "probe.json").write_text(json.dumps(d, indent=2))
-    (out / "probe.md").write_text(matrix.to_markdown() + "\n")
-    from probes.plots import plot_probe_matrix, save
 
-    save(plot_probe_matrix(matrix), out / "probe.png")
+    from workbench.pipelines.probing import ProbeSetupError, probe_store, save_probes, write_probe_outputs
+
+    try:
+        result = probe_store(store, taps=args.taps, labels=args.labels, folds=args.folds, cs=cs, select=args.select,
+                             control=not args.no_control, pca=pca, pool=args.pool, group_by=args.group_by,
+                             types=args.types, regression=args.regression or (),
+                             classification=args.classification or (),
+                             precondition={"auto": "auto", "on": True, "off": False}[args.precondition],
+                             seed=args.seed, device=args.device, progress=not args.json)
+    except (ProbeSetupError, StoreError) as exc:
+        raise UserError(str(exc)) from exc
+    for name, why in result.skipped.items():
+        if not args.json:
+            print(f"fvl probe: skipping label {name!r}: {why}")
+    try:
+        files = write_probe_outputs(result, out)
+        if args.save_probes:
+            files += save_probes(store, result, out, pool=args.pool)
+    except OSError as exc:
+        raise UserError(f"--out {args.out}: cannot write ({exc.strerror or exc}); choose a writable directory") from exc
     if args.json:
-        print(json.dumps(d))
+        print(json.dumps(result.to_dict()))
     else:
-        print(matrix.to_markdown())
-        print(f"\nwrote {out / 'probe.json'}, {out / 'probe.md'}, {out / 'probe.png'}")
+        print(result.matrix.to_markdown())
+        print(f"\nwrote {', '.join(str(f) for f in files)}")
     return 0

@@ -16,38 +16,41 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from model.config import REAL_SIZE_PRESETS
-    from workbench.cli import UserError
-    from workbench.commands._common import open_model
-    from workbench.taps import TapError, resolve, tap_shapes
+    from model.presets import REAL_SIZE_PRESETS
+    from workbench.commands._common import UserError, open_model
 
     if not args.model and (args.preset or "") in REAL_SIZE_PRESETS:
-        from model.builder import build_model
+        from model.loading import build_model
 
-        model, _ = build_model(args.preset, device="meta")
+        model, processor = build_model(args.preset, device="meta")
     else:
-        model, _ = open_model(args)
-    if args.image_size is not None:
-        try:
-            model.config.check_position_limits(args.image_size)
-        except ValueError as exc:
-            raise UserError(f"--image-size {args.image_size}: {exc}") from None
-    shapes = tap_shapes(model, args.image_size)
-    if args.match:
-        try:
-            keep = set(resolve(model, args.match))
-        except TapError as exc:
-            raise UserError(str(exc)) from exc
-        shapes = {k: v for k, v in shapes.items() if k in keep}
+        model, processor = open_model(args)
+    shapes, views = _shapes(model, processor, args, UserError)
     if args.json:
         print(json.dumps({k: list(v) for k, v in shapes.items()}))
         return 0
     width = max(len(k) for k in shapes)
     for name, shape in shapes.items():
         print(f"{name:<{width}}  {tuple(shape)}")
-    from workbench.taps import fusion_views
-
-    views = fusion_views(model)
     if views and (not args.match or "fusion.input" in shapes):
         print("views of fusion.input: " + ", ".join(f"fusion.input[{k}] = channels {a}:{b}" for k, (a, b) in views.items()))
     return 0
+
+
+def _shapes(model, processor, args, UserError):
+    from workbench.taps import TapError, fusion_views, resolve, tap_shapes
+
+    check = getattr(getattr(model, "config", None), "check_position_limits", None)
+    if args.image_size is not None and check is not None:
+        try:
+            check(args.image_size)
+        except ValueError as exc:
+            raise UserError(f"--image-size {args.image_size}: {exc}") from None
+    shapes = tap_shapes(model, args.image_size, processor=processor)
+    if args.match:
+        try:
+            keep = set(resolve(model, args.match))
+        except TapError as exc:
+            raise UserError(f"--match {args.match}: {exc}") from exc
+        shapes = {k: v for k, v in shapes.items() if k in keep}
+    return shapes, fusion_views(model)

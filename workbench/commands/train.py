@@ -10,6 +10,8 @@ a LLaVA .json file works too. Every stage writes OUT/metrics.jsonl, OUT/checkpoi
 --save-every steps and OUT/model/ at the end; `--resume` continues from the latest checkpoint with the
 same loss sequence as an uninterrupted run. Under `torchrun --nproc_per_node=N` the stages run data
 parallel (gloo on CPU, nccl on GPUs) with the same losses as one process with the same --batch-size.
+`--engine accelerate` runs the same loop on `accelerate` (launch it with `accelerate launch` or torchrun
+for data parallel runs); its checkpoints resume only with the same engine.
 """
 from __future__ import annotations
 
@@ -38,6 +40,9 @@ def _add_loop_args(p: argparse.ArgumentParser, *, epochs: float, batch_size: int
     g.add_argument("--stop-after", type=int, default=None, help="stop after N steps of this run (resume later)")
     g.add_argument("--seed", type=int, default=42, help="seed of the data order and initialisation (default 42)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    g.add_argument("--engine", choices=("native", "accelerate"), default="native",
+                   help="native: this loop (DDP under torchrun); accelerate: the same loop on accelerate's "
+                        "Accelerator, for `accelerate launch` (default native)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -54,7 +59,7 @@ def register(sub) -> None:
     f.add_argument("--tasks", default="<DETAILED_CAPTION>,<OCR>,<DENSE_REGION_CAPTION>",
                    help="comma-separated Florence-2 tasks (default: the three Florence-VL prompts' tasks)")
     _add_loop_args(f, epochs=2.0, batch_size=16, lr=1e-3)
-    f.set_defaults(func=run_florence2)
+    f.set_defaults(func=run_florence2, resumable=True)
 
     for stage, helptext, epochs in (
             ("pretrain", "stage 1: caption alignment with the plain template (projector + LLM, --tune-vision too)", 1.0),
@@ -77,7 +82,7 @@ def register(sub) -> None:
         s.add_argument("--no-feature-cache", action="store_true",
                        help="recompute image features every step even with a frozen vision side")
         _add_loop_args(s, epochs=epochs, batch_size=16, lr=1e-3)
-        s.set_defaults(func=run_stage, stage=stage)
+        s.set_defaults(func=run_stage, stage=stage, resumable=True)
 
     r = tsub.add_parser("recipe", help="synthetic data, Florence-2, stage 1, stage 2 and evaluation in one command")
     r.add_argument("--preset", default="small", help="model preset (default small)")
@@ -93,14 +98,14 @@ def register(sub) -> None:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     r.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.set_defaults(func=run_recipe)
+    r.set_defaults(func=run_recipe, resumable=True)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
 
 def _loop_config(args, stage: str, **extra):
-    from model.train import TrainConfig
+    from model.training.config import TrainConfig
 
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
@@ -112,24 +117,32 @@ def _loop_config(args, stage: str, **extra):
         raise UserError(f"--epochs {args.epochs}: must be positive")
     if args.lr <= 0:
         raise UserError(f"--lr {args.lr}: must be positive")
+    if args.save_every < 0:
+        raise UserError(f"--save-every {args.save_every}: must be 0 (only at the end) or more")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UserError(f"--stop-after {args.stop_after}: must be at least 1")
     return TrainConfig(out_dir=args.out, stage=stage, epochs=args.epochs, max_steps=args.max_steps,
                        batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
                        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm or None, bf16=args.bf16,
                        gradient_checkpointing=args.gradient_checkpointing, save_every=args.save_every,
                        save_total_limit=args.save_total_limit, resume=args.resume, stop_after=args.stop_after,
-                       seed=args.seed, num_threads=args.threads, progress=not args.quiet, **extra)
+                       seed=args.seed, num_threads=args.threads, progress=not args.quiet, engine=args.engine,
+                       **extra)
 
 
 def _check_out(args) -> None:
+    """Refuse a bad --model/--preset and an unusable --out before anything heavy is imported."""
     from pathlib import Path
 
-    from model.train import latest_checkpoint
-    from workbench.cli import UserError
+    from model.training.layout import latest_checkpoint
+    from workbench.commands._common import UserError, check_model_arg, check_output
 
+    check_model_arg(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory")
+    check_output(out)
     if not args.resume and latest_checkpoint(out) is not None:
         raise UserError(f"--out {out} already holds checkpoints; add --resume to continue that run, "
                         "or choose a new --out")
@@ -139,35 +152,51 @@ def _open(args):
     from workbench.commands._common import open_model
 
     if getattr(args, "model", None) is None and getattr(args, "image_size", None):
-        from model.builder import build_model
+        from model.loading import build_model
 
         return build_model(args.preset or args._default_preset, image_size=args.image_size)
     return open_model(args)
 
 
 def _summary(history, out) -> None:
-    if history:
-        first, last = history[0], history[-1]
-        print(f"trained {last['step']} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}; model in {out}/model")
+    """One line: the losses, and where the model is - OUT/model only once the stage has finished; a run
+    stopped early (--stop-after) names the checkpoint to resume from instead."""
+    import os
+    from pathlib import Path
+
+    from model.training.layout import FINAL_DIR, latest_checkpoint, stage_finished
+
+    if not history or int(os.environ.get("RANK", "0")) != 0:  # one line per run, not one per process
+        return
+    first, last = history[0], history[-1]
+    losses = f"trained {last['step']} steps: loss {first['loss']:.4f} -> {last['loss']:.4f}"
+    if stage_finished(out):
+        print(f"{losses}; model in {Path(out) / FINAL_DIR}")
+    else:
+        ckpt = latest_checkpoint(out)
+        where = f"checkpoint in {ckpt}; " if ckpt is not None else ""
+        print(f"{losses}; stopped before the end of the schedule: {where}add --resume to continue")
 
 
 def run_florence2(args) -> int:
     from pathlib import Path
 
-    from model.florence2_pretrain import train_florence2
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError
 
     _check_out(args)
+    config = _loop_config(args, "florence2")
     data = Path(args.data)
     if not (data / "florence2_tasks.json").is_file():
         raise UserError(f"--data {data}: no florence2_tasks.json there; make the data with "
                         f"`fvl data synth --kind scenes --out {data}`")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from model.training.florence2 import train_florence2
+
     model, processor = _open(args)
     if model.config.encoder_type != "florence2":
         raise UserError(f"the model's encoder is {model.config.encoder_type!r}; Florence-2 pretraining needs florence2")
     try:
-        _, history = train_florence2(model, processor, data, _loop_config(args, "florence2"), tasks=tasks)
+        _, history = train_florence2(model, processor, data, config, tasks=tasks)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     _summary(history, args.out)
@@ -177,8 +206,7 @@ def run_florence2(args) -> int:
 def run_stage(args) -> int:
     from pathlib import Path
 
-    from model.train import train_stage
-    from workbench.cli import UserError
+    from workbench.commands._common import UserError
 
     _check_out(args)
     data = Path(args.data)
@@ -189,10 +217,12 @@ def run_stage(args) -> int:
     extra = dict(template=args.template, tune_vision=tune_vision, vision_lr=getattr(args, "vision_lr", None),
                  cache_features=False if (args.no_feature_cache or tune_vision) else None,
                  independent_turns=bool(getattr(args, "independent_turns", False)))
+    config = _loop_config(args, args.stage, **extra)
+    from model.training.vlm import train_stage
+
     model, processor = _open(args)
     try:
-        history = train_stage(model, processor, llava, _loop_config(args, args.stage, **extra),
-                              image_folder=args.image_folder)
+        history = train_stage(model, processor, llava, config, image_folder=args.image_folder)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     _summary(history, args.out)
@@ -204,18 +234,24 @@ def run_recipe(args) -> int:
     import json
     import sys
 
-    from model.config import PRESETS, REAL_SIZE_PRESETS
-    from model.recipe import RecipeConfig, run_recipe as _run
-    from workbench.cli import UserError
+    from model.presets import PRESETS, REAL_SIZE_PRESETS
+    from workbench.commands._common import UserError, check_output
 
     if args.preset not in PRESETS or args.preset in REAL_SIZE_PRESETS:
         small = [p for p in PRESETS if p not in REAL_SIZE_PRESETS]
         raise UserError(f"--preset {args.preset}: the CPU recipe trains from scratch; choose one of {', '.join(small)}")
+    check_output(args.out)
+    if args.n is not None and args.n < 20:
+        raise UserError(f"--n {args.n}: the recipe needs at least 20 images (train/val/test splits)")
+    for name in ("image_size", "threads", "florence2_epochs", "pretrain_epochs", "finetune_epochs"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be positive")
+    from model.training.recipe import RecipeConfig, run_recipe as _run
+
     rc = RecipeConfig(progress=not args.quiet, seed=args.seed, data_seed=args.data_seed, tune_vision=args.tune_vision,
                       threads=args.threads)
     if args.n is not None:
-        if args.n < 20:
-            raise UserError(f"--n {args.n}: the recipe needs at least 20 images (train/val/test splits)")
         rc.n_images = args.n
     if args.image_size is not None:
         rc.image_size = args.image_size

@@ -1,128 +1,34 @@
-"""One view over every image source: synthetic dirs, LLaVA JSON files and image folders.
+"""One view over every image source: synthetic dirs, LLaVA JSON files, COCO-style caption or
+instance JSON, and image folders (with or without a Hugging Face `metadata.jsonl`).
 
 Capture, probes and training only need "a sorted list of (id, image path, labels, split)",
 so `open_dataset` turns each source into that. Items are sorted by id, so the same dataset
 gives the same order on every machine and `shard(rank, world_size)` splits it the same way
 on every rank of a torchrun job.
+
+Images are not opened here. A listed image that is missing or broken stays an item and fails
+when it is loaded, so a capture records it as failed and goes on, and `fvl data check` lists
+every such item; only a data set none of whose images exist (a wrong `--image-folder`) is
+refused up front.
 """
 from __future__ import annotations
 
+import argparse
 import csv
-import functools
-import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, overload
+from typing import Any, Sequence
 
-from PIL import Image
-
-from workbench.data.images import IMAGE_EXTENSIONS, load_image
+from workbench.data.coco import coco_items, is_coco
+from workbench.data.imagefolder import METADATA_FILES, read_image_folder
+from workbench.data.items import DatasetError, ImageDataset, Item, require_some_images
 from workbench.data.llava import LlavaFormatError, read_llava
 
+__all__ = ["DatasetError", "ImageDataset", "Item", "add_image_folder_option", "load_florence2_tasks", "load_qa",
+           "load_scenes", "open_dataset", "read_labels_csv"]
 
-class DatasetError(ValueError):
-    """A dataset path that cannot be opened; the message says why and what to pass instead."""
-
-
-@dataclass(frozen=True)
-class Item:
-    id: str
-    image_path: Path
-    labels: dict[str, Any] = field(default_factory=dict)
-    split: str | None = None
-
-
-class ImageDataset(Sequence[Item]):
-    """Sorted, immutable list of `Item`s with split/shard views."""
-
-    def __init__(self, items: Sequence[Item], root: Path, kind: str, source: Path | None = None):
-        self.items: list[Item] = sorted(items, key=lambda it: it.id)
-        ids = [it.id for it in self.items]
-        dup = next((a for a, b in zip(ids, ids[1:]) if a == b), None)
-        if dup is not None:
-            raise DatasetError(f"dataset {source or root} has two items with id {dup!r}; ids must be unique")
-        self.root = Path(root)
-        self.kind = kind  # "synthetic", "llava" or "folder"
-        self.source = Path(source) if source is not None else self.root
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @overload
-    def __getitem__(self, index: int) -> Item: ...
-    @overload
-    def __getitem__(self, index: slice) -> "ImageDataset": ...
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self._view(self.items[index])
-        return self.items[index]
-
-    def __iter__(self) -> Iterator[Item]:
-        return iter(self.items)
-
-    def __repr__(self) -> str:
-        return f"ImageDataset(kind={self.kind!r}, source={str(self.source)!r}, n={len(self)}, splits={self.splits})"
-
-    def _view(self, items: Sequence[Item]) -> "ImageDataset":
-        return ImageDataset(items, self.root, self.kind, self.source)
-
-    @property
-    def ids(self) -> list[str]:
-        return [it.id for it in self.items]
-
-    @property
-    def splits(self) -> list[str]:
-        return sorted({it.split for it in self.items if it.split is not None})
-
-    @property
-    def label_names(self) -> list[str]:
-        """Label keys, in first-seen order (the generator's order for synthetic data)."""
-        names: dict[str, None] = {}
-        for it in self.items:
-            names.update(dict.fromkeys(it.labels))
-        return list(names)
-
-    def split(self, name: str) -> "ImageDataset":
-        if name not in self.splits:
-            raise DatasetError(f"dataset {self.source} has no split {name!r}; it has {self.splits or 'no splits'}")
-        return self._view([it for it in self.items if it.split == name])
-
-    def shard(self, rank: int, world_size: int) -> "ImageDataset":
-        """Every world_size-th item starting at rank: disjoint, covering, and balanced to one item."""
-        if not 0 <= rank < world_size:
-            raise DatasetError(f"rank {rank} is not in 0..{world_size - 1}")
-        return self._view(self.items[rank::world_size])
-
-    def labels(self, name: str) -> list[Any]:
-        """One label for every item (None where an item lacks it)."""
-        return [it.labels.get(name) for it in self.items]
-
-    def load(self, index: int, **kwargs) -> Image.Image:
-        """The RGB image of item `index` via `load_image` (same validation)."""
-        return load_image(self.items[index].image_path, **kwargs)
-
-    def index_of(self, item_id: str) -> int:
-        import bisect
-
-        i = bisect.bisect_left(self.ids, item_id)
-        if i == len(self.items) or self.items[i].id != item_id:
-            raise KeyError(item_id)
-        return i
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """sha256 of ids, image paths relative to the root, splits and labels: names the content, not the location."""
-        h = hashlib.sha256()
-        for it in self.items:
-            try:
-                rel = it.image_path.relative_to(self.root).as_posix()
-            except ValueError:
-                rel = it.image_path.as_posix()
-            h.update(json.dumps([it.id, rel, it.split, it.labels], sort_keys=True).encode())
-            h.update(b"\n")
-        return h.hexdigest()
+IMAGE_FOLDER_HELP = ("for a LLaVA or COCO .json: the folder its image paths are relative to "
+                     "(default: the file's own folder)")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -160,9 +66,13 @@ def _open_synthetic(d: Path) -> ImageDataset:
     return ImageDataset(items, d, "synthetic", d)
 
 
+def _answers(conversations: list[dict[str, str]]) -> list[str]:
+    return [t["value"].strip() for t in conversations if t.get("from") == "gpt" and t["value"].strip()]
+
+
 def _open_llava(path: Path, image_folder: Path | None, check_images: bool) -> ImageDataset:
     try:
-        samples = read_llava(path, image_folder, check_images=check_images)
+        samples = read_llava(path, image_folder, check_images=False)  # missing images fail per item, on load
     except LlavaFormatError as exc:
         raise DatasetError(str(exc)) from None
     root = Path(image_folder) if image_folder is not None else path.parent
@@ -170,53 +80,101 @@ def _open_llava(path: Path, image_folder: Path | None, check_images: bool) -> Im
     truth: dict[Path, tuple[dict[str, Any], str | None]] = {}
     if (root / "scenes.jsonl").is_file():
         truth = {root / r["image"]: (dict(r.get("labels", {})), r.get("split")) for r in load_scenes(root)}
-    items: dict[Path, Item] = {}
+    ids: dict[Path, str] = {}
+    captions: dict[Path, list[str]] = {}
     used: set[str] = set()
     for s in samples:
-        if s.image_path is None or s.image_path in items:
-            continue  # text-only samples have no image; several samples may share one image
-        iid = s.id
-        k = 1
+        if s.image_path is None:
+            continue  # text-only samples have no image
+        answers = _answers(s.conversations)
+        captions.setdefault(s.image_path, []).extend(answers[:1])  # the first answer of each sample
+        if s.image_path in ids:
+            continue  # several samples may share one image
+        iid, k = s.id, 1
         while iid in used:  # the same id on two different images
             iid, k = f"{s.id}#{k}", k + 1
         used.add(iid)
-        labels, split = truth.get(s.image_path, ({}, None))
-        items[s.image_path] = Item(iid, s.image_path, labels, split)
-    if not items:
+        ids[s.image_path] = iid
+    if not ids:
         raise DatasetError(f"LLaVA file {path} has no samples with an image")
-    return ImageDataset(list(items.values()), root, "llava", path)
+    items = [Item(iid, ip, *truth.get(ip, ({}, None)), tuple(captions[ip])) for ip, iid in ids.items()]
+    if check_images:
+        require_some_images(items, path, root, "pass --image-folder DIR, the folder its \"image\" paths are "
+                                               "relative to")
+    return ImageDataset(items, root, "llava", path)
 
 
-def _open_folder(d: Path) -> ImageDataset:
-    items = []
-    for p in d.rglob("*"):
-        rel = p.relative_to(d)
-        if any(part.startswith(".") for part in rel.parts):
-            continue  # hidden files and folders (.git, temp files of an interrupted write)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-            items.append(Item(rel.as_posix(), p, {}, None))
-    if not items:
-        raise DatasetError(f"folder {d} has no image files ({', '.join(IMAGE_EXTENSIONS)}); "
-                           "point at a folder of images, a LLaVA .json or a `fvl data synth` output")
+def _open_coco(path: Path, doc: dict[str, Any], image_folder: Path | None, check_images: bool) -> ImageDataset:
+    root = Path(image_folder) if image_folder is not None else path.parent
+    if not root.is_dir():
+        raise DatasetError(f"--image-folder {root} does not exist; pass the folder the \"file_name\" entries of "
+                           f"{path} are relative to")
+    items = coco_items(doc, path, root)
+    if check_images:
+        require_some_images(items, path, root, "pass --image-folder DIR, the folder its \"file_name\" entries "
+                                               "are relative to")
+    return ImageDataset(items, root, "coco", path)
+
+
+def _open_folder(d: Path, check_images: bool) -> ImageDataset:
+    items, metas = read_image_folder(d)
+    if metas and check_images:
+        require_some_images(items, metas[0], d, "the \"file_name\" entries are relative to the metadata file's "
+                                               "folder; fix them")
     return ImageDataset(items, d, "folder", d)
 
 
+def _read_json_doc(p: Path) -> Any:
+    """The parsed file when it is a JSON object (COCO), None when it is a list (LLaVA, parsed later
+    by its own reader with per-sample messages): the first character decides, so a 600k-sample LLaVA
+    file is not parsed twice."""
+    with open(p, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if not head.startswith(b"{"):
+        return None
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{p}: invalid JSON ({exc}); fix the file") from None
+    if not is_coco(doc):
+        keys = ", ".join(list(doc)[:8]) if isinstance(doc, dict) else ""
+        raise DatasetError(f"{p} is a JSON object with keys [{keys}], neither COCO (\"images\" + \"annotations\") "
+                           "nor LLaVA (a list of samples); convert it to one of them")
+    return doc
+
+
 def open_dataset(path: str | Path, image_folder: str | Path | None = None, check_images: bool = True) -> ImageDataset:
-    """A synthetic DIR (has scenes.jsonl), a LLaVA .json/.jsonl (images relative to
-    `image_folder`, default its directory) or a folder of images (searched recursively;
-    ids are relative paths, no labels)."""
+    """A synthetic DIR (has scenes.jsonl), a LLaVA .json/.jsonl or a COCO-style .json (images
+    relative to `image_folder`, default the file's directory) or a folder of images (searched
+    recursively; ids are relative paths; labels from a `metadata.jsonl`/`.csv` or subfolder names).
+
+    Missing image files do not refuse the data set (they fail when loaded); with `check_images`,
+    one whose images are all missing is refused, since that is a wrong image folder."""
     p = Path(path)
+    folder = Path(image_folder) if image_folder is not None else None
     if not p.exists():
-        raise DatasetError(f"dataset {p} does not exist; pass a synthetic dir, a LLaVA .json or an image folder")
+        raise DatasetError(f"dataset {p} does not exist; pass a synthetic dir, a LLaVA or COCO .json "
+                           "or an image folder")
     if p.is_dir():
         if (p / "scenes.jsonl").is_file() or (p / ".synth-in-progress.json").is_file():
             return _open_synthetic(_synthetic_dir(p))
-        return _open_folder(p)
+        return _open_folder(p, check_images)
     if p.name in ("scenes.jsonl", "manifest.json"):
         return _open_synthetic(_synthetic_dir(p))
+    if p.name in METADATA_FILES:
+        return _open_folder(p.parent, check_images)
     if p.suffix in (".json", ".jsonl"):
-        return _open_llava(p, Path(image_folder) if image_folder is not None else None, check_images)
+        doc = _read_json_doc(p) if p.suffix == ".json" else None
+        if doc is not None:
+            return _open_coco(p, doc, folder, check_images)
+        return _open_llava(p, folder, check_images)
     raise DatasetError(f"cannot open {p} as a dataset: expected a directory or a .json/.jsonl file")
+
+
+def add_image_folder_option(parser: argparse.ArgumentParser) -> None:
+    """`--image-folder DIR` for a command that reads `--data`: every such command takes the same option,
+    passed on as `open_dataset(args.data, image_folder=args.image_folder)`."""
+    parser.add_argument("--image-folder", default=None, metavar="DIR", help=IMAGE_FOLDER_HELP)
 
 
 def load_qa(path: str | Path, split: str | None = None, types: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -63,14 +63,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+PACKAGED_PREFIX = "packaged:"  # an image name that `load_image` resolves with `packaged_image`
+
+
 def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
                exif_transpose: bool = True) -> Image.Image:
     """An RGB PIL image from a path, encoded bytes or a PIL image, or `ImageError`.
 
     `max_pixels` bounds width*height (checked from the header before decoding);
     `min_side` rejects images too small to mean anything (1x1 tracking pixels, icons).
+    `packaged:NAME` is a real photo shipped inside an installed package (`packaged_image_names()`).
     """
     name = _name(src)
+    if isinstance(src, str) and src.startswith(PACKAGED_PREFIX) and not Path(src).exists():
+        return packaged_image(src[len(PACKAGED_PREFIX):])
     if isinstance(src, Image.Image):
         img = src
     else:

@@ -161,6 +161,39 @@ def make_stick_figures(n: int, size: int | tuple[int, int] = 64, seed: int = 0, 
     return StickFigures(images, joints, visible)
 
 
+PROGRESS_FILE = ".stick-figures-in-progress.json"
+
+
+def _check_figures_dir(root, meta: dict) -> None:
+    """Refuse an output directory that holds anything but stick figures made with the same
+    arguments (a finished run, or an interrupted one to finish): overwriting another command's
+    data set would corrupt it, and figures of other arguments would leave stale images behind."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {root} is a file; give a directory path")
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    for marker in (root / "manifest.json", root / PROGRESS_FILE):
+        if not marker.is_file():
+            continue
+        try:
+            old = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--out {root}: {marker.name} is unreadable ({exc}); choose another --out") from None
+        if not isinstance(old, dict) or old.get("kind") != "stick_figures":
+            break  # another command's data set
+        diff = [f"{k}={old.get(k)!r} (now {v!r})" for k, v in meta.items() if old.get(k) != v]
+        if diff:
+            raise ValueError(f"--out {root} already holds stick figures made with other arguments: {', '.join(diff)}; "
+                             "rerun with the same arguments, or choose another --out")
+        return
+    raise ValueError(f"--out {root} is not empty and does not hold stick figures (it may be another data set); "
+                     "choose an empty or new directory")
+
+
 def write_stick_figures(out: str, n: int, size: int = 64, seed: int = 0, test_fraction: float = 0.25,
                         flips: bool = True, noise: float = 0.04, occlude_prob: float = 0.0) -> dict:
     """Write a stick-figure dataset for capture + ``fvl heatmap``.
@@ -169,18 +202,27 @@ def write_stick_figures(out: str, n: int, size: int = 64, seed: int = 0, test_fr
     ``flips``), ``OUT/joints.json`` ({stem: {"joints", "visible", "split", "flip_of"}}, flipped
     entries carry the mirrored, relabelled joints) and ``OUT/manifest.json``. Capture features
     with ``fvl capture --data OUT/images --pool none``; store items are matched to joints by
-    file stem. The last ``test_fraction`` of figures is the test split. Existing files are
-    overwritten (the output is a pure function of the arguments)."""
+    file stem. The last ``test_fraction`` of figures is the test split. A directory that holds
+    anything else is refused (see `_check_figures_dir`); rerunning the same arguments rewrites the
+    same files (the output is a pure function of the arguments), which also finishes a killed run."""
     import json
     import os
     from pathlib import Path
 
     from PIL import Image
 
+    from workbench.data.files import atomic_write_json, atomic_write_text
+
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction}: give a fraction between 0 and 1")
     root = Path(out)
+    meta = {"kind": "stick_figures", "n": n, "size": size, "seed": seed, "test_fraction": test_fraction,
+            "flips": flips, "noise": noise, "occlude_prob": occlude_prob, "joint_names": list(JOINT_NAMES),
+            "flip_pairs": [list(p) for p in FLIP_PAIRS], "coordinates": "pixel centres at integers (x, y)"}
+    _check_figures_dir(root, meta)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / PROGRESS_FILE, meta)
+    (root / "manifest.json").unlink(missing_ok=True)  # only a finished run has a manifest
     sf = make_stick_figures(n, size, seed=seed, noise=noise, occlude_prob=occlude_prob)
     mirrored = sf.flipped()
     n_test = max(1, int(round(n * test_fraction)))
@@ -200,9 +242,7 @@ def write_stick_figures(out: str, n: int, size: int = 64, seed: int = 0, test_fr
         put(stem, sf.images[i], sf.joints[i], sf.visible[i], split, None)
         if flips:
             put(f"{stem}_flip", mirrored.images[i], mirrored.joints[i], mirrored.visible[i], split, stem)
-    meta = {"kind": "stick_figures", "n": n, "size": size, "seed": seed, "test_fraction": test_fraction,
-            "flips": flips, "noise": noise, "occlude_prob": occlude_prob, "joint_names": list(JOINT_NAMES),
-            "flip_pairs": [list(p) for p in FLIP_PAIRS], "coordinates": "pixel centres at integers (x, y)"}
-    (root / "joints.json").write_text(json.dumps(table))
-    (root / "manifest.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(root / "joints.json", json.dumps(table))
+    atomic_write_json(root / "manifest.json", meta)
+    (root / PROGRESS_FILE).unlink(missing_ok=True)
     return meta

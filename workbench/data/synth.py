@@ -135,6 +135,10 @@ def _check_out_dir(out: Path, params: dict[str, Any]) -> str:
                 old = json.loads(marker.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise SynthError(f"{marker} is unreadable ({exc}); remove {out} or choose another --out") from None
+            if not isinstance(old, dict) or old.get("kind", params["kind"]) != params["kind"] or "seed" not in old:
+                raise SynthError(f"--out {out} holds another kind of data set ({marker.name} of "
+                                 f"{old.get('kind') if isinstance(old, dict) else 'unknown'!r}), not a synth output; "
+                                 "choose an empty or new directory")
             # datasets written before a parameter existed were made with its default
             old_params = {k: old.get(k, _PARAM_DEFAULTS.get(k)) for k in params}
             if old_params != params:
