@@ -9,6 +9,8 @@ import sys
 
 import streamlit as st
 
+from workbench.store import StoreError
+
 TITLE = "Florence-VL workbench"
 VIEWS = ("Overview", "Feature maps", "Probe matrix", "Alignment", "Attribution", "Embedding (UMAP)",
          "Compare encoders", "Live model")
@@ -57,4 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         st.sidebar.caption(f"store: {cfg.store.relative_to(cfg.root) if cfg.store != cfg.root else '.'}")
     for w in cfg.warnings:
         st.sidebar.warning(w)
-    _view(view)(cfg)
+    try:
+        _view(view)(cfg)
+    except StoreError as exc:  # a damaged, missing or mismatched store: say which and how to fix it
+        st.error(f"{exc}")
