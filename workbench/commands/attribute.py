@@ -56,7 +56,8 @@ def run(args) -> int:
         raise UserError("--probe LABEL needs --store STORE (to fit the probe) and --tap TAP (what it reads), "
                         "or --probe-file DIR (a probe saved by `fvl probe --save-probes`)")
     if not (args.probe or args.probe_file) and not (args.question and args.answer):
-        raise UserError("pass --question and --answer (or --probe LABEL --store STORE --tap TAP, or --probe-file DIR)")
+        raise UserError("pass --question and --answer (or --probe LABEL --store STORE --tap TAP, "
+                        "or --probe-file DIR)")
     if args.steps < 2 or args.stream_steps < 2:
         raise UserError("--steps and --stream-steps must be at least 2")
     if args.batch_size < 1:
