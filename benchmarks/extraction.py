@@ -26,7 +26,7 @@ def _best(fn, repeats: int) -> tuple[float, object]:
 
 def run(args) -> dict:
     from model.loading import build_config
-    from model.config import REAL_SIZE_PRESETS
+    from model.presets import REAL_SIZE_PRESETS
     from model.processing import build_florence2_tokenizer, build_llm_tokenizer
     from model.reference import native_from_extractor, naive_streams
     from model.vision import Florence2DepthBreadth

@@ -6,6 +6,10 @@ Measures, with random weights in bf16 (the GPU's best dtype) and the automatical
   step, as the official `generate(max_new_tokens=1)` does), in images/s, and their ratio;
 * a training step (forward + backward, no optimizer) of the florence-vl-3b size (Florence-2-large features,
   Phi-3.5-mini LLM; projector + LLM trainable as in the released code): tokens/s and model FLOPs utilisation;
+* capture throughput: images/s of the real capture path (`workbench.capturing.capture_dataset`: DataLoader
+  workers decoding, taps depth + prompt.* + fusion.output mean-pooled into a float16 store) for the
+  florence-vl-3b vision side against the naive per-prompt pipeline (decode in-process, the native Florence-2
+  once per prompt), on synthetic photo-like JPEGs, and their ratio;
 * peak GPU memory per phase.
 Each phase runs within a share of `--budget-s` (default 240 s, so the whole check ends inside 5 minutes) and
 reports its error instead of aborting the others. `--preset tiny --device cpu` runs the same code in seconds.
@@ -34,7 +38,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget for all phases")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint LLM layers in the step")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 peak used for MFU")
-    parser.add_argument("--parts", default="extraction,train", help="comma list: extraction, train")
+    parser.add_argument("--parts", default="extraction,train,capture",
+                        help="comma list: extraction, train, capture")
+    parser.add_argument("--images", type=int, default=None, help="images for the capture throughput (full 64, tiny 4)")
+    parser.add_argument("--capture-workers", type=int, default=None,
+                        help="DataLoader workers decoding images in the capture case (full 8, tiny 2)")
 
 
 # ---- helpers --------------------------------------------------------------------------------------
@@ -93,7 +101,8 @@ def _random_init_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def _sizes(preset: str):
     """{size name: Florence2Config} and the Florence-VL config for the training step."""
-    from model.config import OFFICIAL_PROMPT_IDS, preset_config
+    from model.config import preset_config
+    from model.presets import OFFICIAL_PROMPT_IDS
 
     if preset == "full":
         f2 = {"base": preset_config("base").vision_config, "large": preset_config("florence-vl-3b").vision_config}
@@ -169,6 +178,113 @@ def extraction(f2_config, prompt_ids, image_size: int, batch: int, device, dtype
     if fallback:
         result["attn_fallback"] = fallback
     del extractor, native, fused, naive, px
+    return result
+
+
+# ---- phase 3: capture throughput --------------------------------------------------------------------
+CAPTURE_TAPS = ["depth", "prompt.*", "fusion.output"]
+
+
+def _capture_model(preset: str, device, dtype):
+    """(model, processor, prompt ids) with random weights on `device` in `dtype`: the florence-vl-3b vision
+    side (Florence-2-large DaViT + BART encoder, fusion, projector) with a one-layer LLM, since no captured
+    tap reads the LLM; or the tiny preset."""
+    from transformers.initialization import no_init_weights
+
+    from model.loading.build import build_config, build_processor
+    from model.processing import build_florence2_tokenizer, build_llm_tokenizer
+
+    llm_tok, f2_tok = build_llm_tokenizer(), build_florence2_tokenizer()
+    config = build_config("florence-vl-3b" if preset == "full" else "tiny", llm_tok, f2_tok)
+    if preset == "full":
+        config.text_config.num_hidden_layers = 1
+    from model.florence_vl import FlorenceVLForConditionalGeneration
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            model = FlorenceVLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(old)
+    _random_init_(model)
+    return model.eval(), build_processor(config, llm_tok, f2_tok), dict(config.prompt_token_ids)
+
+
+def _synthetic_images(folder, n: int, size: tuple[int, int], seed: int = 0) -> list:
+    """`n` photo-like JPEGs (smooth colour fields with fine noise) of `size` (w, h) in `folder`; their paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        coarse = Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+        noisy = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size[1], size[0], 3))
+        path = folder / f"img{i:05d}.jpg"
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def capture_throughput(preset: str, n_images: int, batch: int, workers: int, device, dtype, deadline: float) -> dict:
+    """Images/s of `workbench.capturing.capture_dataset` (DataLoader workers decode and preprocess, taps
+    depth + prompt.* + fusion.output mean-pooled, float16 store) against the naive per-prompt pipeline
+    (decode in this process, then the native Florence-2 once per prompt, as `_naive`), on the same images."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+    from transformers import Florence2ForConditionalGeneration
+
+    from model.vision import extractor_state_dict_to_florence2
+    from workbench.capturing import capture_dataset
+    from workbench.data.dataset import open_dataset
+
+    _reset_memory(device)
+    model, processor, prompt_ids = _capture_model(preset, device, dtype)
+    tower = model.vision_tower
+    with torch.device(device):
+        native = Florence2ForConditionalGeneration(model.config.vision_config).to(dtype).eval()
+    native.load_state_dict(extractor_state_dict_to_florence2(tower.state_dict()), strict=False)
+    native.tie_weights()
+    n_img = tower.num_tokens(model.config.image_size)
+    size = (640, 480) if preset == "full" else (64, 48)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "images").mkdir()
+        paths = _synthetic_images(Path(tmp) / "images", n_images, size)
+        dataset = open_dataset(Path(tmp) / "images")
+        kw = dict(model_id=f"benchmark:{preset}", weights="random", batch_size=batch, workers=workers,
+                  forward_batch=batch, progress=False)
+        capture_dataset(model, processor, dataset, CAPTURE_TAPS, "mean", Path(tmp) / "warm", limit=batch, **kw)
+        _sync(device)
+        start = time.perf_counter()
+        report = capture_dataset(model, processor, dataset, CAPTURE_TAPS, "mean", Path(tmp) / "store", **kw)
+        _sync(device)
+        capture_s = time.perf_counter() - start
+
+        def naive(chunk):
+            px = processor.images([Image.open(p).convert("RGB") for p in chunk])
+            return _naive(native, px.to(device=device, dtype=dtype), prompt_ids, n_img)
+
+        with torch.inference_mode():
+            naive(paths[:batch])  # warm-up
+            _sync(device)
+            start, done = time.perf_counter(), 0
+            for i in range(0, n_images, batch):
+                naive(paths[i:i + batch])
+                done += len(paths[i:i + batch])
+                if time.perf_counter() > deadline:
+                    break
+            _sync(device)
+            naive_s = time.perf_counter() - start
+    result = {"preset": "florence-vl-3b (vision side)" if preset == "full" else "tiny", "images": n_images,
+              "image_size": model.config.image_size, "batch": batch, "workers": workers, "taps": CAPTURE_TAPS,
+              "pool": "mean", "store_dtype": "float16", "captured": report.captured,
+              "failed": report.failed, "capture_images_s": round(n_images / capture_s, 3),
+              "naive_images": done, "naive_images_s": round(done / naive_s, 3),
+              "speedup": round((n_images / capture_s) / (done / naive_s), 3), "peak_mem_gib": _peak_gib(device)}
+    del model, native
     return result
 
 
@@ -280,13 +396,13 @@ def run(args) -> dict:
     train_batch = args.train_batch or 2
     seq_len = args.seq_len or (2048 if full else 64)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"extraction", "train"}
+    unknown = parts - {"extraction", "train", "capture"}
     if unknown:
-        raise ValueError(f"--parts {sorted(unknown)}: choose from extraction, train")
+        raise ValueError(f"--parts {sorted(unknown)}: choose from extraction, train, capture")
     f2_configs, train_config, image_size, prompt_ids = _sizes(args.preset)
     result: dict = {"benchmark": "gpu", "preset": args.preset, **describe(device),
                     "dtype": str(dtype).replace("torch.", ""), "attn_implementation": attn}
-    n_phases = len(f2_configs) * ("extraction" in parts) + ("train" in parts)
+    n_phases = len(f2_configs) * ("extraction" in parts) + ("train" in parts) + ("capture" in parts)
     budget_end = start + args.budget_s
     phase = 0
     if "extraction" in parts:
@@ -300,12 +416,21 @@ def run(args) -> dict:
                 result["extraction"][name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             phase += 1
     if "train" in parts:
+        deadline = time.perf_counter() + (budget_end - time.perf_counter()) / max(1, n_phases - phase)
         try:
             result["train"] = train_step(train_config, train_batch, seq_len, device, dtype, attn, args.repeats,
-                                         budget_end, args.gradient_checkpointing,
+                                         deadline, args.gradient_checkpointing,
                                          _peak_flops(device, args.peak_tflops))
         except Exception as exc:
             result["train"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        phase += 1
+    if "capture" in parts:
+        try:
+            workers = args.capture_workers if args.capture_workers is not None else (8 if full else 2)
+            result["capture"] = capture_throughput(args.preset, args.images or (64 if full else 4), batch, workers,
+                                                   device, dtype, budget_end)
+        except Exception as exc:
+            result["capture"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     _reset_memory(device)
     result["total_s"] = round(time.perf_counter() - start, 2)
     ratios = [v["speedup"] for v in result.get("extraction", {}).values() if "speedup" in v]

@@ -20,10 +20,7 @@ from transformers import AutoConfig, BartConfig, LlamaConfig, Phi3Config, PreTra
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.florence2.configuration_florence2 import Florence2Config, Florence2VisionConfig
 
-from model.presets import (BART_COMMON, DEFAULT_PROMPTS, FLORENCE2_BASE_TEXT, FLORENCE2_BASE_VISION,  # noqa: F401
-                           FLORENCE2_LARGE_TEXT, FLORENCE2_LARGE_VISION, FLORENCE2_TASK_PROMPTS, FLORENCE2_VOCAB,
-                           FUSIONS, LLAMA31_8B, OFFICIAL_PROMPT_IDS, PHI35_MINI, PRESETS, PROJECTORS, REAL_SIZE_PRESETS,
-                           SMOLLM2_135M, TEMPLATES)
+from model.presets import DEFAULT_PROMPTS, FUSIONS, PRESETS, PROJECTORS, TEMPLATES
 
 
 class FlorenceVLConfig(PreTrainedConfig):

@@ -67,7 +67,7 @@ assistant user system helpful answer question answers questions curious intellig
 
 
 def default_corpus() -> list[str]:
-    from model.config import DEFAULT_PROMPTS, FLORENCE2_TASK_PROMPTS
+    from model.presets import DEFAULT_PROMPTS, FLORENCE2_TASK_PROMPTS
 
     rng = np.random.default_rng(0)
     words = _CORPUS_WORDS

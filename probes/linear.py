@@ -30,8 +30,8 @@ matrix product per evaluation. Binary targets use one logit (like scikit-learn).
 Newton step from the class prior. On features whose covariance is far from isotropic (real features:
 a few directions dominate) the solver is preconditioned with that covariance
 (``precondition="auto"``); start and preconditioner change the path to the optimum, not the optimum.
-At research scale (``fvl bench probe-scale``, docs/probes.md) this is 33-54x scikit-learn's GridSearchCV
-pipeline run to convergence (n 5,000-20,000, d 256, one thread each), at a 0.003 accuracy difference.
+At research scale (``fvl bench probe-scale``, docs/probes.md) this is 23-54x scikit-learn's GridSearchCV
+pipeline run to convergence (n 5,000-20,000, d 256-512, one thread each), at <= 0.005 accuracy difference.
 
 Folds, labels and the control task live in ``probes.folds``; one fitted probe as a scikit-learn
 estimator (fit once, reuse, attribute) is ``probes.estimator.LinearProbe``; stored token maps are pooled

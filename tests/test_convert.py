@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration, LlamaConfig, Phi3Config
 from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
 
-from model.config import DEFAULT_PROMPTS, PRESETS, FlorenceVLConfig
+from model.config import FlorenceVLConfig
+from model.presets import DEFAULT_PROMPTS, PRESETS
 from model.florence_vl import FlorenceVLForConditionalGeneration
 from model.loading import CheckpointError, convert_checkpoint, detect_layout, load_florence2, load_model
 from model.loading.convert import TOWER_PREFIX
@@ -553,7 +554,7 @@ def test_hub_id_resolved_through_huggingface_hub(monkeypatch, phi_model, tmp_pat
 
 
 def test_real_size_florence2_config_is_inferred_from_shapes():
-    from model.config import FLORENCE2_LARGE_VISION
+    from model.presets import FLORENCE2_LARGE_VISION
 
     sd = {f"model.vision_tower.convs.{i}.conv.weight": torch.empty(c, 1, 1, 1)
           for i, c in enumerate(FLORENCE2_LARGE_VISION["embed_dim"])}

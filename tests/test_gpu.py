@@ -173,6 +173,12 @@ def test_gpu_check_tiny_on_cpu():
     assert train["trainable_params_b"] < train["params_b"]  # the vision tower is frozen
     assert result["device"] == "cpu" and result["dtype"] == "float32" and result["attn_implementation"] == "sdpa"
     assert gpu._peak_flops(torch.device("cpu"), None) is None  # no MFU without a known peak
+    cap = result["capture"]
+    assert "error" not in cap, cap
+    assert cap["captured"] == cap["images"] == 4 and cap["failed"] == 0 and cap["workers"] == 2
+    assert cap["capture_images_s"] > 0 and cap["naive_images_s"] > 0 and cap["naive_images"] == 4
+    assert cap["speedup"] == pytest.approx(cap["capture_images_s"] / cap["naive_images_s"], rel=0.01)
+    assert cap["taps"] == ["depth", "prompt.*", "fusion.output"] and cap["store_dtype"] == "float16"
 
 
 def test_gpu_check_reports_a_failing_phase_and_fvl_bench_prints_json(capsys):
@@ -194,3 +200,81 @@ def test_gpu_check_script_runs_standalone_and_never_imports_flash_attn():
     result = json.loads(out.stdout)
     assert result["extraction"]["tiny"]["speedup"] > 0
     assert result["flash_attn_imported"] is False
+
+
+# ---- --device / --dtype on the heavy analysis commands ------------------------------------------------
+@pytest.fixture(scope="module")
+def heavy_inputs(tmp_path_factory):
+    """A tiny 64 px model, eight synthetic scenes, a mean-pooled store of them, stick figures and their
+    unpooled store: the inputs of attribute, contributions, align and heatmap probe."""
+    from model.loading import build_model, save_model
+    from workbench.cli import main
+
+    base = tmp_path_factory.mktemp("heavy")
+    data, figs = base / "data", base / "figs"
+    assert main(["data", "synth", "--out", str(data), "--n", "8", "--image-size", "64", "--workers", "1",
+                 "--quiet"]) == 0
+    model = save_model(*build_model("tiny", image_size=64, seed=0), base / "model")
+    assert main(["capture", "--model", str(model), "--data", str(data), "--taps", "depth,prompt.*,fusion.input",
+                 "--pool", "mean", "--device", "cpu", "--out", str(base / "store")]) == 0
+    assert main(["heatmap", "figures", "--out", str(figs), "--n", "4", "--size", "32"]) == 0
+    assert main(["capture", "--model", str(model), "--data", str(figs / "images"), "--taps", "depth", "--pool",
+                 "none", "--device", "cpu", "--out", str(base / "figstore")]) == 0
+    image = sorted((data / "images").glob("*.png"))[0]
+    return {"data": str(data), "model": str(model), "store": str(base / "store"), "figs": str(figs),
+            "figstore": str(base / "figstore"), "image": str(image)}
+
+
+def _heavy_commands(i: dict, out: Path) -> dict[str, tuple[list[str], str]]:
+    """Each command with tiny valid inputs, and the JSON file it writes (which records the device)."""
+    m = ["--model", i["model"]]
+    return {
+        "attribute": (["attribute", *m, "--image", i["image"], "--question", "What color?", "--answer", "red",
+                       "--steps", "2", "--stream-steps", "2", "--out", str(out / "attr")],
+                      "attr/attribution.json"),
+        "contributions": (["contributions", *m, "--data", i["data"], "--split", "train", "--limit", "2",
+                           "--out", str(out / "contrib")], "contrib/contributions.json"),
+        "align": (["align", "--store", i["store"], "--data", i["data"], *m, "--steps", "2", "--batch-size", "2",
+                   "--no-leave-one-out", "--out", str(out / "align")], "align/alignment.json"),
+        "heatmap probe": (["heatmap", "probe", "--store", i["figstore"], "--figures", i["figs"], "--epochs", "1",
+                           "--taps", "depth", "--out", str(out / "heatmap")], "heatmap/heatmap.json"),
+    }
+
+
+@pytest.mark.parametrize("name", ["attribute", "contributions", "align", "heatmap probe"])
+def test_heavy_commands_run_on_the_device_asked_for(name, heavy_inputs, tmp_path, capsys):
+    """auto runs on this machine's best device and says so; cuda runs there, or (CPU-only machine) is refused
+    by name with status 2 and no traceback; a bad text is refused before anything loads."""
+    from workbench.cli import main
+
+    argv, written = _heavy_commands(heavy_inputs, tmp_path)[name]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert main([*argv, "--device", "auto"]) == 0, capsys.readouterr().err[-2000:]
+    capsys.readouterr()
+    assert json.loads((tmp_path / written).read_text())["device"] == expected
+    rc = main([*argv, "--device", "cuda"])
+    err = capsys.readouterr().err
+    if torch.cuda.is_available():
+        assert rc == 0, err[-2000:]
+        assert json.loads((tmp_path / written).read_text())["device"] == "cuda"
+    else:
+        assert rc == 2 and "--device cuda: CUDA was requested but CUDA is not available" in err
+        assert "Traceback" not in err
+    assert main([*argv, "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--device gpu: not a device" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name", ["attribute", "contributions", "align"])
+def test_heavy_commands_run_in_the_dtype_asked_for(name, heavy_inputs, tmp_path, capsys):
+    """--dtype reaches the model: bfloat16 runs (pixel inputs cast to the model's dtype, also inside integrated
+    gradients) and is recorded; a bad dtype is refused by name."""
+    from workbench.cli import main
+
+    argv, written = _heavy_commands(heavy_inputs, tmp_path)[name]
+    assert main([*argv, "--device", "auto", "--dtype", "bfloat16"]) == 0, capsys.readouterr().err[-2000:]
+    capsys.readouterr()
+    assert json.loads((tmp_path / written).read_text())["dtype"] == "bfloat16"
+    assert main([*argv, "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype int8: not a dtype" in err and "Traceback" not in err

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model.loading import build_model, load_model, save_model
-from model.config import DEFAULT_PROMPTS
+from model.presets import DEFAULT_PROMPTS
 from model.reference import native_from_extractor, naive_streams
 
 

@@ -18,10 +18,10 @@ from workbench.app_views.context import AppConfig
 @st.cache_data(show_spinner=False)
 def _live_alignment(store: str, version: float, data: str, model_dir: str | None, preset: str | None,
                     steps: int) -> dict:
-    from workbench.pipelines.demo import align_store
+    from workbench.pipelines.aligning import align_with_own_llm
 
     model, processor = cache.load_model(model_dir, preset)
-    return align_store(store, data, model, processor, steps=steps, progress=False)
+    return align_with_own_llm(store, data, model, processor, steps=steps, progress=False)
 
 
 def render(cfg: AppConfig) -> None:

@@ -18,7 +18,7 @@ from workbench.app_views.context import AppConfig, PathRefused, model_preset, re
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def _live(model_dir: str | None, preset: str | None, image_key: str, question: str, answer: str, steps: int) -> dict:
-    from workbench.pipelines.demo import attribution_record
+    from workbench.pipelines.attributing import attribution_record
 
     model, processor = cache.load_model(model_dir, preset)
     image = _image_from_key(image_key)

@@ -80,6 +80,40 @@ def open_model(args, device: str | None = None, dtype=None):
     return model, processor
 
 
+DEVICE_HELP = "where the model runs: auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (default auto)"
+DTYPE_HELP = ("the model's dtype: auto (bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the "
+              "CPU), float32, bfloat16 or float16 (default auto)")
+
+
+def add_device_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """--device (and --dtype) with the same wording on every command that runs a model."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    if dtype:
+        p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+
+
+def device_and_dtype(args):
+    """(torch device, torch dtype or None) from --device / --dtype: the texts are checked before torch loads,
+    then resolved on this machine; an unusable choice is a UserError naming the option. The dtype is None
+    when the command has no --dtype."""
+    from model.device import check_device_text, check_dtype_text
+
+    text_dtype = getattr(args, "dtype", None)
+    try:
+        check_device_text(args.device)
+        if text_dtype is not None:
+            check_dtype_text(text_dtype)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    from model.device import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(args.device)
+        return device, (resolve_dtype(text_dtype, device) if text_dtype is not None else None)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def check_output(path: str | Path, what: str = "--out") -> Path:
     """Refuse an output location that cannot be written, before any work is done."""
     try:

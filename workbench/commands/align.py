@@ -13,7 +13,7 @@ import json
 
 
 def register(sub) -> None:
-    from workbench.commands._common import add_model_args
+    from workbench.commands._common import add_device_args, add_model_args
     from workbench.data.dataset import add_image_folder_option
 
     p = sub.add_parser("align", help="vision-language alignment loss per stream / encoder (paper Figs. 4-5)")
@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--text", choices=["llm", "minilm"], default="llm",
                    help="without --text-model: the Florence-VL model's LLM (default) or the packaged MiniLM")
     add_model_args(p, default_preset=None)
-    p.add_argument("--device", default="cpu", help="where the text model runs: cpu (default), cuda, cuda:N")
+    add_device_args(p)  # where the text model (or the Florence-VL LLM) runs, in which dtype
     p.add_argument("--taps", default=None,
                    help="comma-separated taps/views to compare (default: the fusion streams: fusion.input[*] "
                         "views, else depth + prompt.*, else vision.output or the last vision.layer)")
@@ -57,15 +57,19 @@ def _florence_llm(args, manifest: dict):
 
     from workbench.commands._common import UserError, open_model
 
+    def opened():
+        model, processor = open_model(args, device=str(args.device), dtype=args.dtype)
+        return model.to(device=args.device, dtype=args.dtype), processor
+
     if args.model or args.preset:
-        return open_model(args)
+        return opened()
     model_id = str(manifest.get("model_id") or "")
     if model_id.startswith("preset:"):
         args.preset = model_id.split(":", 1)[1]
-        return open_model(args)
+        return opened()
     if model_id and Path(model_id).is_dir():
         args.model = model_id
-        return open_model(args)
+        return opened()
     raise UserError("--text llm needs a model: pass --text-model DIR|HUB_ID, --model DIR or --preset NAME (the "
                     "store does not name a model directory that exists here)")
 
@@ -80,7 +84,7 @@ def _text_side(args, manifest: dict):
 
         try:
             if args.text_model:
-                return text_model_features(texts, args.text_model, device=args.device,
+                return text_model_features(texts, args.text_model, device=args.device, dtype=args.dtype,
                                            trust_remote_code=args.trust_remote_code,
                                            progress=not args.json), f"model:{args.text_model}"
             if args.text == "minilm":
@@ -116,7 +120,7 @@ def _check_stores_data(args, stores: dict) -> dict[str, list[str]]:
 
 
 def run(args) -> int:
-    from workbench.commands._common import UserError, check_output
+    from workbench.commands._common import UserError, check_output, device_and_dtype
     from workbench.store import FeatureStore, StoreError
 
     if args.steps < 1 or args.batch_size < 2:
@@ -124,6 +128,7 @@ def run(args) -> int:
     if not 0 < args.held_out < 1:
         raise UserError(f"--held-out {args.held_out}: give a fraction between 0 and 1")
     out = check_output(args.out)
+    args.device, args.dtype = device_and_dtype(args)  # resolved once: the text side reads them from here
 
     from workbench.pipelines.aligning import (align_stores, parse_store_spec, read_captions,
                                               write_alignment_outputs)
@@ -150,6 +155,7 @@ def run(args) -> int:
                               taps=args.taps, leave_one_out=not args.no_leave_one_out, control=args.control,
                               progress=not args.json, **kw)
         report["caption"] = args.caption
+        report["device"], report["dtype"] = str(args.device), str(args.dtype).replace("torch.", "")
         if forced:
             report["forced_store_mismatch"] = forced
         files = write_alignment_outputs(report, out)

@@ -9,7 +9,7 @@ import json
 
 
 def register(sub) -> None:
-    from workbench.commands._common import add_model_args
+    from workbench.commands._common import add_device_args, add_model_args
 
     p = sub.add_parser("attribute", help="attribute an answer to pixels (IG / occlusion) and to fusion streams")
     add_model_args(p)
@@ -42,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--top", type=int, default=10, help="how many top pixels to report")
     p.add_argument("--no-streams", action="store_true", help="skip the stream shares")
     p.add_argument("--float64", action="store_true", help="run in float64 (tighter completeness, slower)")
+    add_device_args(p)
     p.add_argument("--json", action="store_true", help="print the JSON result")
     p.add_argument("--force", action="store_true",
                    help="use a --store captured from other weights anyway (recorded in the output)")
@@ -49,7 +50,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from workbench.commands._common import UserError, check_output, model_id, open_model
+    from workbench.commands._common import UserError, check_output, device_and_dtype, model_id, open_model
     from workbench.data.images import ImageError, load_image, packaged_image
 
     if args.probe and not args.probe_file and not (args.store and args.tap):
@@ -63,17 +64,21 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     out = check_output(args.out)
+    if args.float64 and args.dtype != "auto":
+        raise UserError(f"--float64 and --dtype {args.dtype} ask for two dtypes; pass one of them")
+    device, dtype = device_and_dtype(args)
     try:
         image = packaged_image(args.image.split(":", 1)[1]) if args.image.startswith("packaged:") else load_image(args.image)
     except (ImageError, KeyError, FileNotFoundError) as exc:
         raise UserError(f"--image {args.image}: {exc}") from exc
     probe = _probe_target(args) if args.probe or args.probe_file else None
-    model, processor = open_model(args)
+    import torch
+
+    model, processor = open_model(args, device=str(device), dtype=dtype)
     if processor is None:
         raise UserError("this model has no processor (tokenizers); pass a model directory that holds them")
     forced = _check_store_model(args, probe, model)
-    if args.float64:
-        model = model.double()
+    model = model.to(device=device, dtype=torch.float64 if args.float64 else dtype)
 
     from probes.attribution import AttributionError
     from workbench.pipelines.attributing import attribute_image, write_attribution_outputs
@@ -87,7 +92,7 @@ def run(args) -> int:
                                  stride=args.stride, streams=not args.no_streams, top=args.top)
     except (AttributionError, StoreError) as exc:
         raise UserError(str(exc)) from exc
-    result = {"image": args.image, "model": model_id(args), **result}
+    result = {"image": args.image, "model": model_id(args), "device": str(device), **result}
     if forced:
         result["forced_store_mismatch"] = forced
     try:

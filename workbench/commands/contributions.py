@@ -10,7 +10,7 @@ import json
 
 
 def register(sub) -> None:
-    from workbench.commands._common import add_model_args
+    from workbench.commands._common import add_device_args, add_model_args
 
     p = sub.add_parser("contributions", help="Shapley values of the fusion streams for VQA, per question type")
     add_model_args(p)
@@ -28,6 +28,7 @@ def register(sub) -> None:
                    help="conversation template (default: the model's; `plain` drops the question)")
     p.add_argument("--out", required=True, help="output directory (contributions.json, contributions.png)")
     p.add_argument("--json", action="store_true", help="print the JSON result")
+    add_device_args(p)
     p.set_defaults(func=run)
 
 
@@ -35,11 +36,11 @@ def run(args) -> int:
     from pathlib import Path
 
     from probes.streams import plot_shapley, stream_shapley
-    from workbench.commands._common import UserError, check_output
-    from workbench.commands._common import open_model
+    from workbench.commands._common import UserError, check_output, device_and_dtype, open_model
     from workbench.data.dataset import DatasetError, load_qa
 
     check_output(args.out)
+    device, dtype = device_and_dtype(args)
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
     if args.batch_size < 1 or args.max_new_tokens < 1:
@@ -58,7 +59,8 @@ def run(args) -> int:
         raise UserError(f"--data {args.data}: {len(missing)} image(s) of the selected questions are missing "
                         f"(e.g. {missing[0]}); restore them (`fvl data check {args.data}` lists every bad image) "
                         "or regenerate the data set with `fvl data synth`")
-    model, processor = open_model(args)
+    model, processor = open_model(args, device=str(device), dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
     if processor is None:
         raise UserError("this model has no processor (tokenizers); pass a model directory that holds them")
     if model.config.encoder_type != "florence2" or len(model.stream_names) < 2:
@@ -67,7 +69,7 @@ def run(args) -> int:
     result = stream_shapley(model, processor, rows, metric=args.metric, mode=args.mode, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, template=args.template, progress=not args.json)
     result.update(model=args.model or f"preset:{args.preset or args._default_preset}", data=str(args.data),
-                  split=args.split)
+                  split=args.split, device=str(device), dtype=str(dtype).replace("torch.", ""))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "contributions.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -34,7 +34,7 @@ def run(args) -> int:
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     changes = {}
     if args.preset:
-        from model.config import PRESETS, REAL_SIZE_PRESETS
+        from model.presets import PRESETS, REAL_SIZE_PRESETS
 
         if args.preset not in PRESETS or args.preset in REAL_SIZE_PRESETS:
             raise UserError(f"--preset {args.preset}: the demo trains on CPU; choose tiny or small")

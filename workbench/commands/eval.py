@@ -16,9 +16,9 @@ import argparse
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when present)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto, float32, bfloat16 or float16 (default auto: bf16 on GPUs that have it, fp32 on CPU)")
+    from workbench.commands._common import add_device_args
+
+    add_device_args(p)
 
 
 def _device_and_dtype(args):

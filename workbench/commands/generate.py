@@ -14,7 +14,7 @@ PROGRESS_FROM = 64  # generations of at least this many new tokens show a progre
 
 
 def register(sub) -> None:
-    from workbench.commands._common import add_model_args
+    from workbench.commands._common import add_device_args, add_model_args
 
     p = sub.add_parser("generate", help="generate text for an image and a prompt",
                        description=__doc__.split("\n\n", 1)[0])
@@ -24,9 +24,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32,
                    help="answer length limit; at most what the model's position table leaves (default 32)")
     p.add_argument("--template", choices=["plain", "phi3", "llama3"], help="override the model's template")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when present)")
-    p.add_argument("--dtype", default="auto",
-                   help="auto, float32, bfloat16 or float16 (default auto: bf16 on GPUs that have it, fp32 on CPU)")
+    add_device_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 

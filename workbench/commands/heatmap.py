@@ -12,6 +12,8 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
+    from workbench.commands._common import add_device_args
+
     p = sub.add_parser("heatmap", help="heatmap (pose) localisation probe on frozen spatial features")
     hs = p.add_subparsers(dest="heatmap_command", metavar="{figures,probe}")
     f = hs.add_parser("figures", help="write a stick-figure dataset (images, mirrored images, joints)")
@@ -38,6 +40,7 @@ def register(sub) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="output directory (heatmap.json, pck.png)")
     q.add_argument("--json", action="store_true", help="print the JSON result")
+    add_device_args(q, dtype=False)  # the head trains in float32: the stored features' dtype is chosen at capture
     q.set_defaults(func=run_probe)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
@@ -83,12 +86,13 @@ def run_probe(args) -> int:
     import json
     from pathlib import Path
 
-    from workbench.commands._common import UserError, check_output
+    from workbench.commands._common import UserError, check_output, device_and_dtype
 
     for flag in ("epochs", "batch_size", "channels"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
     check_output(args.out)  # before torch loads and before any training
+    device, _ = device_and_dtype(args)
 
     import numpy as np
 
@@ -147,14 +151,15 @@ def run_probe(args) -> int:
                                 flip_feats=xfl, flip_pairs=flip_pairs, n_deconv=args.n_deconv,
                                 channels=args.channels, sigma=args.sigma, epochs=args.epochs,
                                 batch_size=args.batch_size, lr=args.lr, shift=not args.no_shift, seed=args.seed,
-                                progress=not args.json)
+                                device=str(device), progress=not args.json)
         results[t] = r
         print(f"  PCK@0.05 {r['pck']:.3f} (untrained {r['untrained']['pck']:.3f})"
               + (f", flip test {r['pck_flip']:.3f}" if "pck_flip" in r else "")
               + f", mean error {r['mean_px_error']:.2f} px")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"store": str(args.store), "figures": str(args.figures), "image_size": size, "results": results}
+    doc = {"store": str(args.store), "figures": str(args.figures), "image_size": size, "device": str(device),
+           "results": results}
     atomic_write_text(out / "heatmap.json", json.dumps(doc, indent=2, default=float))
     save(plot_pck_bars(results), out / "pck.png")
     if args.json:

@@ -67,13 +67,14 @@ def stream_taps(store, taps: str | Sequence[str] | None) -> dict[str, str]:
                           f"pass --taps with the taps to compare (it has {store.taps})")
 
 
-def text_model_features(texts: Sequence[str], text_model: str, *, device: str = "cpu",
+def text_model_features(texts: Sequence[str], text_model: str, *, device: str = "cpu", dtype=None,
                         trust_remote_code: bool = False, progress: bool = False) -> np.ndarray:
     """The paper's text side with any transformers text model (directory or hub id): last hidden layer,
     mean-pooled over the caption tokens (a causal LM's leading BOS left out)."""
     from probes.alignment import load_text_model, text_features
 
-    tokenizer, model, kind = load_text_model(text_model, device=device, trust_remote_code=trust_remote_code)
+    tokenizer, model, kind = load_text_model(text_model, device=device, dtype=dtype,
+                                             trust_remote_code=trust_remote_code)
     return text_features(texts, model, tokenizer=tokenizer, kind=kind, progress=progress)
 
 
@@ -137,3 +138,24 @@ def write_alignment_outputs(report: dict, out: str | Path) -> list[Path]:
     plot_alignment(curves, files[1], title=f"alignment loss vs {report['text']} text ({report['n_items']} pairs, "
                                            f"batch {report['batch_size']})")
     return files
+
+
+def align_with_own_llm(store_path: str | Path, data_dir: str | Path, model, processor, *, steps: int = 300,
+                       seed: int = 0, progress: bool = True) -> dict:
+    """The demo's alignment run: `align_stores` over one store of this project's model, with the model's own
+    LLM as the text side (last hidden layer, mean-pooled over the detailed captions). The report is filed
+    under the encoder name "florence2", as `fvl align` files its stores."""
+    from probes.alignment import text_features
+    from workbench.data.dataset import open_dataset
+    from workbench.store import FeatureStore
+
+    store = FeatureStore(store_path)
+    store.check_against(dataset=open_dataset(data_dir))
+
+    def own_llm(texts: list[str]) -> tuple[np.ndarray, str]:
+        return text_features(texts, "llm", model=model, processor=processor, progress=progress), "llm:model"
+
+    report = align_stores({"florence2": store}, read_captions(str(data_dir)), own_llm, control=True,
+                          progress=progress, steps=steps, seed=seed)
+    report["caption"] = "detailed"
+    return report

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 DELTA_WARNING = 0.05
 
 
@@ -38,6 +40,8 @@ def probe_score(model, px, target: ProbeTarget):
     classes = [str(c) for c in probe.classes_]
     pool = target.pool or target.store.manifest.get("pool", "mean")
     binary = len(classes) == 2
+    p = next(model.parameters())
+    px = px.to(device=p.device, dtype=p.dtype)  # the model's device and dtype (CUDA, bf16) for the first logits
     score = ProbeScore(model, target.tap, probe, class_index=None if binary else 0, pool=pool)
     try:
         with torch.no_grad():
@@ -103,3 +107,66 @@ def write_attribution_outputs(result: dict, out: str | Path, has_global: bool = 
     pixels, streams = result["_objects"]
     plot_attribution(pixels, streams, files[1], has_global=has_global)
     return files
+
+
+def vlm_template(model) -> str:
+    """The template a finetuned model answers questions in (the plain pretraining template ignores them)."""
+    from model.training.vlm import qa_template
+
+    return qa_template(model)
+
+
+def _downsample(heat: np.ndarray, side: int = 64) -> np.ndarray:
+    """Block-mean a (H, W) map to at most side x side (keeps results files small)."""
+    h, w = heat.shape
+    fy, fx = max(1, h // side), max(1, w // side)
+    h2, w2 = h // fy * fy, w // fx * fx
+    return heat[:h2, :w2].reshape(h2 // fy, fy, w2 // fx, fx).mean((1, 3))
+
+
+def attribution_record(model, processor, image, question: str, answer: str, *, steps: int = 16,
+                       item_id: str = "", image_ref: str = "") -> dict:
+    """`attribute_image` of `answer` to `question` in the model's question-answering template, as a
+    JSON-ready record with the (downsampled) pixel map and the per-stream maps, for attribution.json."""
+    from workbench.data.images import load_image
+
+    img = load_image(image)
+    result = attribute_image(model, processor, img, question=question, answer=answer, steps=steps,
+                             stream_steps=steps, template=vlm_template(model), batch_size=4,
+                             streams=model.config.fusion in ("channel", "token"))
+    pixels, by_stream = result["_objects"]
+    rec = {"id": item_id, "image": image_ref, "question": question, "answer": answer,
+           "pixels": {**pixels.to_dict(), "heat": _downsample(pixels.heat).round(6).tolist()}}
+    if by_stream is not None:
+        rec["streams"] = by_stream.to_dict(maps=True)
+    return rec
+
+
+def attribute_items(model, processor, data_dir: str | Path, n: int, *, steps: int = 16, split: str = "test",
+                    rel_to: Path | None = None, progress: bool = True) -> dict:
+    """Attribute the ground-truth answer of one question per image for `n` images of `split`, cycling over
+    question types (reading, color, position, ...) so the streams have different jobs to do."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from workbench.data.dataset import load_qa
+
+    rows = load_qa(data_dir, split=split) or load_qa(data_dir)
+    by_image: dict[str, list[dict]] = {}
+    for r in rows:
+        by_image.setdefault(r["image_id"], []).append(r)
+    order = ("reading", "color", "position", "shape", "count", "existence")
+    chosen = []
+    for k, (img_id, qs) in enumerate(sorted(by_image.items())):
+        if len(chosen) >= n:
+            break
+        want = order[k % len(order)]
+        chosen.append(next((q for q in qs if q["type"] == want), qs[0]))
+    items = []
+    for q in tqdm(chosen, desc="attribute", unit="img", disable=not progress):
+        ref = os.path.relpath(q["image"], rel_to) if rel_to is not None else q["image"]
+        items.append({**attribution_record(model, processor, q["image"], q["question"], q["answer"], steps=steps,
+                                           item_id=q["image_id"], image_ref=ref), "type": q["type"]})
+    return {"settings": {"method": "integrated gradients", "steps": steps, "split": split,
+                         "template": vlm_template(model)}, "items": items}

@@ -24,10 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from workbench.data.files import atomic_write_text
+from workbench.pipelines.aligning import align_with_own_llm
+from workbench.pipelines.attributing import attribute_items
+from workbench.pipelines.probing import probe_store
 from workbench.pipelines.rundir import RunDir
+from workbench.pipelines.similarity import embed_store
+from workbench.store import FeatureStore
 
 # Labels the demo probes (the synthetic scenes' labels; `word` has 60+ classes and little data per class).
 PROBE_LABELS = ("n_objects", "has_text", "main_color", "main_shape", "main_size", "main_quadrant", "background",
@@ -88,7 +91,7 @@ class DemoSettings:
 
     def data_args(self) -> dict[str, Any]:
         """The synth_scenes arguments the recipe uses for its data (so the data step and the recipe agree)."""
-        from model.config import PRESETS
+        from model.presets import PRESETS
 
         rc = self.recipe_config()
         return {"n": int(rc.n_images), "seed": int(rc.data_seed),
@@ -140,142 +143,17 @@ class DemoContext:
 
 
 # --------------------------------------------------------------------------- analyses (also used by the app)
-def vlm_template(model) -> str:
-    """The template the finetuned model answers questions in (the plain pretraining template ignores them)."""
-    from model.training.vlm import qa_template
-
-    return qa_template(model)
-
-
-def probe_store(store_path: str | Path, labels: Sequence[str] | None = PROBE_LABELS, *, n_folds: int = 5,
-                taps: Sequence[str] | None = None, select: str = "inner", Cs: Sequence[float] | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """Linear probes (grouped CV, control tasks, C sweep) of every stored tap for the scene labels;
-    returns `ProbeMatrix.to_dict()` with the store path in its settings."""
-    from probes.linear import probe_matrix
-    from workbench.store import FeatureStore
-
+def probe_scene_labels(store_path: str | Path, labels: Sequence[str] = PROBE_LABELS, *, n_folds: int = 5,
+                       taps: Sequence[str] | None = None, select: str = "inner", Cs: Sequence[float] | None = None,
+                       progress: bool = True) -> dict[str, Any]:
+    """`probe_store` over the scene labels this store has (the demo's label set); `ProbeMatrix.to_dict()`."""
     store = FeatureStore(store_path)
-    all_labels = store.labels()
-    names = [n for n in (labels or all_labels) if n in all_labels]
-    if not names:
-        raise ValueError(f"{store_path} has none of the labels {list(labels or [])}; its labels: {sorted(all_labels)}")
-    feats = {t: store.load(t, dtype="float32") for t in (taps or [t for t in store.taps if not t.startswith("llm.")])}
-    kw = {"Cs": tuple(Cs)} if Cs else {}
-    matrix = probe_matrix(feats, {n: all_labels[n] for n in names}, groups=np.asarray(store.items), n_folds=n_folds,
-                          select=select, progress=progress, **kw)
-    d = matrix.to_dict()
-    d["settings"]["store"] = str(store_path)
-    return d
-
-
-def captions_for(data_dir: str | Path, ids: Sequence[str], field_name: str = "detailed_caption") -> list[str]:
-    from workbench.data.dataset import load_scenes
-
-    by_id = {r["id"]: r.get(field_name) or r.get("caption") or "" for r in load_scenes(data_dir)}
-    missing = [i for i in ids if i not in by_id]
-    if missing:
-        raise ValueError(f"{len(missing)} store items are not in the data set {data_dir} (e.g. {missing[0]}); "
-                         "pass the data set the store was captured from")
-    return [by_id[i] for i in ids]
-
-
-def align_store(store_path: str | Path, data_dir: str | Path, model, processor, *, steps: int = 300,
-                seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """The paper's alignment experiment on a store: each stream (depth, prompt.*) mean-pooled, alone,
-    all together and leave-one-out, against the model's own LLM features of the detailed captions.
-    Returns the layout `fvl align` writes: {"results": {"florence2": alignment_by_stream(...)}, "summary": ...}.
-    (Grid-pooled tokens have no global token, so every stored token enters the mean.)"""
-    from probes.alignment import alignment_by_stream, summary, text_features
-    from workbench.store import FeatureStore
-
-    store = FeatureStore(store_path)
-    streams = ["depth"] + [t for t in store.taps if t.startswith("prompt.") and ".layer" not in t]
-    missing = [s for s in streams if s not in store.taps]
-    if missing or len(streams) < 2:
-        raise ValueError(f"{store_path} lacks the stream taps {missing or streams}; capture depth and prompt.* taps")
-    feats = {}
-    for s in streams:
-        x = store.load(s, dtype="float32")
-        feats[s.replace("prompt.", "")] = x.mean(1) if x.ndim == 3 else x
-    text = text_features(captions_for(data_dir, store.items), "llm", model=model, processor=processor,
-                         progress=progress)
-    res = alignment_by_stream(feats, text, steps=steps, seed=seed, control=True, progress=progress)
-    res["taps"] = {k: ("depth" if k == "depth" else f"prompt.{k}") for k in feats}
-    first = res["all"]
-    return {"text": "llm:model", "caption": "detailed", "n_items": len(store.items), "n_train": first["n_train"],
-            "n_eval": first["n_eval"], "batch_size": first["batch_size"], "chance": first["chance"],
-            "summary": {"florence2": summary(res)}, "results": {"florence2": res}}
-
-
-def _downsample(heat: np.ndarray, side: int = 64) -> np.ndarray:
-    """Block-mean a (H, W) map to at most side x side (keeps results files small)."""
-    h, w = heat.shape
-    fy, fx = max(1, h // side), max(1, w // side)
-    h2, w2 = h // fy * fy, w // fx * fx
-    return heat[:h2, :w2].reshape(h2 // fy, fy, w2 // fx, fx).mean((1, 3))
-
-
-def attribution_record(model, processor, image, question: str, answer: str, *, steps: int = 16,
-                       item_id: str = "", image_ref: str = "") -> dict[str, Any]:
-    """Pixel (integrated gradients) and per-stream attributions of `answer` to `question` on one image,
-    in the model's question-answering template; a JSON-ready record for attribution.json."""
-    from probes.attribution import AnswerScore, pixel_attribution, stream_attribution
-    from workbench.data.images import load_image
-
-    img = load_image(image)
-    px = processor.images([img])
-    target = AnswerScore(model, processor, question, answer, template=vlm_template(model))
-    pixels = pixel_attribution(model, px, target, steps=steps, internal_batch_size=4, orig_size=tuple(img.size))
-    rec: dict[str, Any] = {"id": item_id, "image": image_ref, "question": question, "answer": answer,
-                           "pixels": {**pixels.to_dict(), "heat": _downsample(pixels.heat).round(6).tolist()}}
-    if model.config.encoder_type == "florence2" and model.config.fusion in ("channel", "token"):
-        rec["streams"] = stream_attribution(model, px, target, steps=steps, internal_batch_size=4).to_dict(maps=True)
-    return rec
-
-
-def attribute_items(model, processor, data_dir: str | Path, n: int, *, steps: int = 16, split: str = "test",
-                    rel_to: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Attribute the ground-truth answer of one question per image for `n` images of `split`, cycling over
-    question types (reading, color, position, ...) so the streams have different jobs to do."""
-    from tqdm.auto import tqdm
-
-    from workbench.data.dataset import load_qa
-
-    rows = load_qa(data_dir, split=split) or load_qa(data_dir)
-    by_image: dict[str, list[dict]] = {}
-    for r in rows:
-        by_image.setdefault(r["image_id"], []).append(r)
-    order = ("reading", "color", "position", "shape", "count", "existence")
-    chosen = []
-    for k, (img_id, qs) in enumerate(sorted(by_image.items())):
-        if len(chosen) >= n:
-            break
-        want = order[k % len(order)]
-        chosen.append(next((q for q in qs if q["type"] == want), qs[0]))
-    items = []
-    for q in tqdm(chosen, desc="attribute", unit="img", disable=not progress):
-        ref = os.path.relpath(q["image"], rel_to) if rel_to is not None else q["image"]
-        items.append({**attribution_record(model, processor, q["image"], q["question"], q["answer"], steps=steps,
-                                           item_id=q["image_id"], image_ref=ref), "type": q["type"]})
-    return {"settings": {"method": "integrated gradients", "steps": steps, "split": split,
-                         "template": vlm_template(model)}, "items": items}
-
-
-def project_store(store_path: str | Path, taps: Sequence[str], *, method: str = "umap", n_neighbors: int = 15,
-                  seed: int = 0) -> dict[str, Any]:
-    """2-D embeddings (UMAP, or PCA) of the given taps (mean-pooled), for the app's scatter view."""
-    from workbench.pipelines.compute import embed_2d
-    from workbench.store import FeatureStore
-
-    store = FeatureStore(store_path)
-    out = {}
-    for t in taps:
-        if t in store.taps:
-            xy = embed_2d(store.load(t, dtype="float32"), method, n_neighbors=n_neighbors, seed=seed)
-            out[t] = {"ids": list(store.items), "xy": np.round(xy, 5).tolist(), "method": method,
-                      "n_neighbors": n_neighbors, "seed": seed}
-    return out
+    present = [n for n in labels if n in store.labels()]
+    if not present:
+        raise ValueError(f"{store_path} has none of the labels {list(labels)}; its labels: {sorted(store.labels())}")
+    run = probe_store(store, taps=list(taps) if taps else None, labels=present, folds=n_folds, cs=Cs,
+                      select=select, progress=progress)
+    return run.to_dict()
 
 
 # --------------------------------------------------------------------------- steps
@@ -332,16 +210,16 @@ def _step_capture(ctx: DemoContext) -> dict:
 
 def _step_probe(ctx: DemoContext) -> dict:
     s = ctx.settings
-    d = probe_store(ctx.path("store"), s.probe_labels, n_folds=s.probe_folds, taps=s.probe_taps or None,
-                    select=s.probe_select, Cs=s.probe_Cs, progress=ctx.progress)
+    d = probe_scene_labels(ctx.path("store"), s.probe_labels, n_folds=s.probe_folds, taps=s.probe_taps or None,
+                           select=s.probe_select, Cs=s.probe_Cs, progress=ctx.progress)
     _write_json(ctx.path("probe/probe.json"), d)
     return {"probes": len(d["results"])}
 
 
 def _step_align(ctx: DemoContext) -> dict:
     model, processor = ctx.model()
-    d = align_store(ctx.path("store"), ctx.path("data"), model, processor, steps=ctx.settings.align_steps,
-                    seed=ctx.settings.seed, progress=ctx.progress)
+    d = align_with_own_llm(ctx.path("store"), ctx.path("data"), model, processor, steps=ctx.settings.align_steps,
+                           seed=ctx.settings.seed, progress=ctx.progress)
     _write_json(ctx.path("align/alignment.json"), d)
     return d["summary"]["florence2"]
 
@@ -355,8 +233,8 @@ def _step_attribute(ctx: DemoContext) -> dict:
 
 
 def _step_project(ctx: DemoContext) -> dict:
-    d = project_store(ctx.path("store"), ctx.settings.embed_taps, method=ctx.settings.embed_method,
-                      seed=ctx.settings.seed)
+    d = embed_store(ctx.path("store"), ctx.settings.embed_taps, method=ctx.settings.embed_method,
+                    seed=ctx.settings.seed)
     _write_json(ctx.path("project/umap.json"), d)
     return {"taps": list(d)}
 

@@ -111,3 +111,20 @@ def similarity_over_store(store, out: str | Path, *, taps: str | Sequence[str] |
             plots.save(plots.plot_embedding(e, labels=label, title=f"{t} ({e.method})"), out / f"embed_{_safe(t)}.png")
             result["embed"][t] = {"method": e.method, "reason": e.reason, **sample}
     return result
+
+
+def embed_store(store_path: str | Path, taps: Sequence[str], *, method: str = "umap", n_neighbors: int = 15,
+                seed: int = 0) -> dict:
+    """2-D embeddings (UMAP, or PCA) of the given taps, pooled as at capture, for the app's scatter view:
+    {tap: {"ids", "xy", "method", "n_neighbors", "seed"}} for the taps the store holds."""
+    from workbench.pipelines.compute import embed_2d
+    from workbench.store import FeatureStore
+
+    store = FeatureStore(store_path)
+    items = list(store.items)
+    out = {}
+    for tap, x in pooled_features(store, [t for t in taps if t in store.taps], items).items():
+        xy = embed_2d(x, method, n_neighbors=n_neighbors, seed=seed)
+        out[tap] = {"ids": items, "xy": np.round(xy, 5).tolist(), "method": method, "n_neighbors": n_neighbors,
+                    "seed": seed}
+    return out
