@@ -6,8 +6,7 @@ matplotlib or umap until a name that needs them is used.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from model.lazy import lazy_exports
 
 _EXPORTS = {
     "linear": ["probe_matrix", "probe", "ProbeMatrix", "ProbeResult", "grouped_kfold", "control_labels",
@@ -33,15 +32,5 @@ _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE) + list(_SUBMODULES)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, {name: f"{__name__}.{mod}" for name, mod in _WHERE.items()},
+                                    _SUBMODULES)

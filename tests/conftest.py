@@ -28,3 +28,22 @@ def rgb_images():
     a = Image.fromarray((rng.random((96, 96, 3)) * 255).astype(np.uint8))
     b = Image.fromarray((rng.random((80, 130, 3)) * 255).astype(np.uint8))
     return [a, b]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A tiny random LlamaForCausalLM and the project's offline tokenizer, saved as a hub-style directory
+    (a stand-in for the paper's separate text model)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.processing import build_llm_tokenizer
+
+    tok = build_llm_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

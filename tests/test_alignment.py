@@ -147,24 +147,6 @@ def test_fvl_align_end_to_end(tmp_path, capsys):
     assert "has no taps" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    """A tiny random LlamaForCausalLM and the project's offline tokenizer, saved as a hub-style directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from model.processing import build_llm_tokenizer
-
-    tok = build_llm_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_text_model_features_are_the_last_layer_mean_over_caption_tokens(tiny_llama):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from workbench.cli import main as fvl
 
@@ -46,23 +45,6 @@ def store(tiny64, model_dir, datasets, tmp_path_factory):
     capture_dataset(*tiny64, open_dataset(datasets[0]), ["prompt.ocr"], "mean", out, model_id=str(model_dir),
                     progress=False)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from model.processing import build_llm_tokenizer
-
-    tok = build_llm_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def test_fvl_align_refuses_a_store_of_another_data_set(store, datasets, tiny_llama, tmp_path, capsys):

@@ -9,8 +9,7 @@ Names are imported lazily (PEP 562), so `from model.loading import CheckpointErr
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from model.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "CheckpointError": "model.loading.errors", "UnsupportedModelError": "model.loading.errors",
@@ -23,14 +22,4 @@ _EXPORTS: dict[str, str] = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'model.loading' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
