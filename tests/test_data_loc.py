@@ -1,6 +1,7 @@
 """Florence-2 location tokens: quantisation bounds and round trips (hypothesis properties)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -99,3 +100,25 @@ def test_loc_to_box_needs_exactly_four_tokens():
         loc_to_box("<loc_1><loc_2><loc_3>", 10, 10)
     with pytest.raises(ValueError, match="label"):
         region_string([("a<b", (0, 0, 1, 1))], 10, 10)
+
+
+def test_binning_equals_transformers_florence2_post_processor():
+    """The scalar rule here is the library's: same bins and centres for boxes anywhere on the image."""
+    import types
+
+    import torch
+    from transformers.models.florence2.processing_florence2 import Florence2PostProcessor
+
+    post = Florence2PostProcessor(None, types.SimpleNamespace(all_special_tokens=[]))
+    rng = np.random.default_rng(0)
+    size = (640, 427)
+    boxes = rng.uniform(-5, 700, size=(200, 4))
+    ours = [[quantize(b[0], size[0]), quantize(b[1], size[1]), quantize(b[2], size[0]), quantize(b[3], size[1])]
+            for b in boxes]
+    theirs = post.quantize(torch.tensor(boxes, dtype=torch.float64), size).tolist()
+    assert ours == theirs
+    centres = post.dequantize(torch.tensor(ours, dtype=torch.float64), size).numpy()
+    ours_centres = [[dequantize(q[0], size[0]), dequantize(q[1], size[1]), dequantize(q[2], size[0]),
+                     dequantize(q[3], size[1])] for q in ours]
+    # the library truncates a centre to whole pixels; the synthetic targets keep the sub-pixel centre
+    np.testing.assert_array_equal(np.trunc(ours_centres), centres)

@@ -9,6 +9,11 @@ within one bin width (`size / 1000`) of the original for every `c` in `[0, size]
 A region string is a sequence of `label<loc_x0><loc_y0><loc_x1><loc_y1>` groups, e.g.
 `red circle<loc_12><loc_40><loc_88><loc_120>blue square<loc_...>...`; a label followed by
 several groups of four tokens names several boxes (Florence-2 writes `<OD>` that way).
+
+The binning is the rule of transformers' `Florence2PostProcessor.quantize` / `dequantize`, written here for
+scalars because this module sits under every other layer and must not import torch or transformers (the
+synthetic generator runs in plain worker processes); `tests/test_data_loc.py` checks that both give the
+same bins and the same centres (the library truncates a centre to whole pixels, this module keeps it exact).
 """
 from __future__ import annotations
 
