@@ -17,14 +17,6 @@ from model.training.vlm import load_vlm_samples, train_stage
 from workbench.cli import main as fvl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from workbench.data.synth import synth_scenes
