@@ -99,6 +99,24 @@ def _random_init_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.normal_(0.0, 0.02)
 
 
+
+def _build_uninitialised(config, device, dtype):
+    """A Florence-VL model built straight on ``device`` in ``dtype`` (no CPU copy, no init pass), then
+    filled with random values: real-size models fit on the GPU without a detour through host memory."""
+    from transformers.initialization import no_init_weights
+
+    from model.florence_vl import FlorenceVLForConditionalGeneration
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            model = FlorenceVLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(old)
+    _random_init_(model)
+    return model
+
 def _sizes(preset: str):
     """{size name: Florence2Config} and the Florence-VL config for the training step."""
     from model.config import preset_config
@@ -189,8 +207,6 @@ def _capture_model(preset: str, device, dtype):
     """(model, processor, prompt ids) with random weights on `device` in `dtype`: the florence-vl-3b vision
     side (Florence-2-large DaViT + BART encoder, fusion, projector) with a one-layer LLM, since no captured
     tap reads the LLM; or the tiny preset."""
-    from transformers.initialization import no_init_weights
-
     from model.loading.build import build_config, build_processor
     from model.processing import build_florence2_tokenizer, build_llm_tokenizer
 
@@ -198,16 +214,7 @@ def _capture_model(preset: str, device, dtype):
     config = build_config("florence-vl-3b" if preset == "full" else "tiny", llm_tok, f2_tok)
     if preset == "full":
         config.text_config.num_hidden_layers = 1
-    from model.florence_vl import FlorenceVLForConditionalGeneration
-
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), no_init_weights():
-            model = FlorenceVLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(old)
-    _random_init_(model)
+    model = _build_uninitialised(config, device, dtype)
     return model.eval(), build_processor(config, llm_tok, f2_tok), dict(config.prompt_token_ids)
 
 
@@ -300,21 +307,11 @@ def _vision_flops(model, px: torch.Tensor) -> float:
 
 def train_step(config, batch: int, seq_len: int, device, dtype, attn: str, repeats: int, deadline: float,
                checkpointing: bool, peak: float | None) -> dict:
-    from transformers.initialization import no_init_weights
-
     from model.device import apply_attn_implementation
-    from model.florence_vl import FlorenceVLForConditionalGeneration
 
     _reset_memory(device)
     t0 = time.perf_counter()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device), no_init_weights():
-            model = FlorenceVLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(old)
-    _random_init_(model)
+    model = _build_uninitialised(config, device, dtype)
     used = apply_attn_implementation(model, attn)
     model.set_trainable(vision=False, projector=True, llm=True)
     if checkpointing:

@@ -19,7 +19,7 @@ from transformers.models.bart.modeling_bart import BartEncoder
 from transformers.models.florence2.modeling_florence2 import Florence2MultiModalProjector, Florence2VisionBackbone
 
 from model.config import check_florence2_positions
-from model.hooks import HookPoint
+from model.hooks import HookPoint, davit_block_taps
 from model.tokens import split_prompts
 
 
@@ -157,14 +157,7 @@ class Florence2DepthBreadth(nn.Module):
     def tap_modules(self) -> dict[str, nn.Module]:
         """`vision.stage{s}` (last block of stage s), `vision.block{j}` (every block, numbered across stages).
         Hooks go on the blocks themselves: a hook on the stage's ModuleList would never fire."""
-        taps: dict[str, nn.Module] = {}
-        j = 0
-        for s, stage in enumerate(self.vision_tower.blocks):
-            for block in stage:
-                taps[f"vision.block{j}"] = block
-                j += 1
-            taps[f"vision.stage{s}"] = stage[len(stage) - 1]
-        return taps
+        return davit_block_taps(self.vision_tower.blocks)
 
     def prompt_layer_points(self) -> dict[str, nn.Module]:
         """`prompt.{name}.layer{i}` -> its hook point (image positions of prompt `name` after encoder layer i)."""

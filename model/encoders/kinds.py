@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from model.encoders.base import VisionEncoder, _conv_out, _merge_config, _ProjectedTokens, _seeded
-from model.hooks import HookPoint
+from model.hooks import HookPoint, davit_block_taps
 
 # ----------------------------------------------------------------------------- CLIP-style ViT
 
@@ -215,14 +215,7 @@ class DavitEncoder(VisionEncoder):
         return OrderedDict(depth=self.projector(features))
 
     def tap_modules(self) -> dict[str, nn.Module]:
-        taps: dict[str, nn.Module] = {}
-        j = 0
-        for s, blocks in enumerate(self.vision_tower.blocks):
-            for block in blocks:
-                taps[f"vision.block{j}"] = block
-                j += 1
-            taps[f"vision.stage{s}"] = blocks[len(blocks) - 1]
-        return taps
+        return davit_block_taps(self.vision_tower.blocks)
 
 
 # ----------------------------------------------------------------------------- cycle-contrast encoder
