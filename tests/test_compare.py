@@ -19,7 +19,7 @@ import pytest
 
 from workbench.cli import main
 from workbench.pipelines.compare import ConfigError, load_config, shipped_config
-from workbench.pipelines.compare.measures import correspondence
+from workbench.pipelines.compare.measures import channel_layout, correspondence
 from workbench.pipelines.compare.orderings import Evidence, compute_orderings
 from workbench.pipelines.compare.stats import bootstrap_accuracy, spearman_interval, t_interval, verdict
 from workbench.pipelines.compare.variants import check_encoder_configs
@@ -73,6 +73,9 @@ def test_unknown_encoder_config_key_is_refused_before_any_work():
     ({"training": {"pretrain": {"max_step": 3}}}, "training.pretrain"),
     ({"align": {"reference": "nope"}}, "align.reference"),
     ({"data": {"n": 5}}, "data.n"),
+    ({"data": {"words": ["cat"]}}, "data.words"),
+    ({"data": {"text_size": [0.3, 0.1]}}, "data.text_size"),
+    ({"training": {"pretrain": {"split_tasks": True}}}, "training.pretrain"),
     ({"seeds": 0}, "seeds"),
     ({"seeds": [1, 1]}, "seeds"),
     ({"measures": {"crop": [0.9, 0.5]}}, "measures.crop"),
@@ -203,6 +206,19 @@ def test_correspondence_finds_objects_that_keep_their_features():
     assert noise < 0.2  # near chance (1/36) when the features carry no identity
 
 
+def test_token_fusion_views_are_read_as_the_channel_grid():
+    """Token concatenation stacks the streams' token maps one after the other; rearranged, the correspondence
+    score sees the same grid (and the same number) as channel fusion of the same streams."""
+    feats, items, boxes, size = _views_case(distinct=True)
+    streams = [feats, feats[:, :, ::-1] * 2.0]  # two streams of the same grid
+    channel = np.concatenate(streams, axis=2)
+    token = np.concatenate(streams, axis=1)
+    assert np.array_equal(channel_layout(token, 2), channel)
+    assert correspondence(channel_layout(token, 2), items, boxes, size) == correspondence(channel, items, boxes, size)
+    with pytest.raises(ValueError, match="square grid"):
+        correspondence(token, items, boxes, size)
+
+
 # ------------------------------------------------------------------------------------------- orderings
 def _fake_evidence(cfg, score, loss=lambda v: 3.0, n_q: int = 300):
     rng = np.random.default_rng(0)
@@ -281,6 +297,10 @@ def test_quick_run_judges_every_claim_with_an_interval(quick_run):
         assert paper_number in md
     assert "| fvl-channel |" in md and "unresolved" in md and "Spearman" in md
     assert json.loads((out / "compare.json").read_text())["orderings"] == result["orderings"]
+    # the config's reading vocabulary made the data, and the reading chance follows it
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["words"] == cfg.data["words"] and manifest["text_size"] == cfg.data["text_size"]
+    assert result["variants"][0]["chance"]["reading"] == pytest.approx(1 / len(cfg.data["words"]), abs=1e-6)
 
 
 def test_rerun_reuses_finished_work(quick_run, capsys):

@@ -88,6 +88,21 @@ def test_text_size_sets_the_font_size_and_keeps_the_layout_valid():
             generate_scene(1, 192, text_size=bad)
 
 
+def test_words_choose_the_reading_vocabulary_and_keep_the_layout():
+    vocab = ("cat", "dog", "car", "fish")
+    for seed in range(12):
+        small, default = generate_scene(seed, SIZE, words=vocab), generate_scene(seed, SIZE)
+        assert all(w.text in vocab for w in small.words)
+        # same draws, so the same objects and the same number of words: only the texts differ
+        assert [o.bbox for o in small.objects] == [o.bbox for o in default.objects]
+        assert len(small.words) == len(default.words)
+        reading = [q for q in small.qa if q.type == "reading"]
+        assert all(q.answer in vocab for q in reading)
+    for bad in ("cat", ["cat"], ["cat", "cat"], ["Cat", "dog"], ["cat", "do g"]):
+        with pytest.raises(ValueError, match="words"):
+            generate_scene(1, SIZE, words=bad)
+
+
 def _gap(a, b) -> int:
     """Pixels between two boxes along the axis where they are apart (<= 0: overlap or touch)."""
     return max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
@@ -315,6 +330,25 @@ def test_synth_text_size_is_recorded_and_checked(tmp_path, capsys):
     (old / "manifest.json").write_text(json.dumps(m))
     capsys.readouterr()
     assert _synth(old) == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_synth_words_set_the_vocabulary_and_the_reading_chance(tmp_path, capsys):
+    d = tmp_path / "d"
+    assert _synth(d, "--words", "cat,dog,car,fish") == 0
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["words"] == ["cat", "dog", "car", "fish"]
+    assert manifest["qa_types"]["reading"]["chance"] == 0.25
+    rows = [json.loads(line) for line in (d / "scenes.jsonl").read_text().splitlines()]
+    assert {w["text"] for r in rows for w in r["words"]} <= {"cat", "dog", "car", "fish"}
+    capsys.readouterr()
+    assert _synth(d) == 2  # the default vocabulary is a different dataset
+    assert "words" in capsys.readouterr().err
+    assert _synth(tmp_path / "bad", "--words", "cat") == 2
+    assert "--words" in capsys.readouterr().err
+    default = tmp_path / "default"
+    assert _synth(default) == 0
+    m = json.loads((default / "manifest.json").read_text())
+    assert "words" not in m and m["qa_types"]["reading"]["chance"] == round(1 / 64, 6)
 
 
 def test_synth_resumes_after_interruption(tmp_path, monkeypatch, capsys):

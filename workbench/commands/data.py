@@ -34,6 +34,9 @@ def register(sub) -> None:
     s.add_argument("--text-size", default=None, metavar="MIN,MAX",
                    help="scenes: font size of the words as fractions of the image side (default 0.07,0.11); "
                         "small images read better with larger words, e.g. 0.13,0.19 at 192 px")
+    s.add_argument("--words", default=None, metavar="W1,W2,...",
+                   help="scenes: the reading vocabulary (default: 64 short words); fewer words make reading "
+                        "learnable from a few hundred images, e.g. cat,dog,car,fish,book,hat,key,ship,tree,cup")
     s.add_argument("--workers", type=int, default=None,
                    help="processes drawing/encoding PNGs (default: one per CPU, up to 8); output is identical for any value")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -70,8 +73,9 @@ def run_synth(args) -> int:
                     text_size = tuple(float(v) for v in args.text_size.split(","))
                 except ValueError:
                     raise SynthError(f"--text-size {args.text_size!r}: write two fractions, e.g. 0.07,0.11") from None
+            words = None if args.words is None else [w.strip() for w in args.words.split(",") if w.strip()]
             synth_scenes(args.out, n=args.n, seed=args.seed, image_size=args.image_size, splits=splits,
-                         workers=args.workers, progress=not args.quiet, text_size=text_size)
+                         workers=args.workers, progress=not args.quiet, text_size=text_size, words=words)
             return 0
         module = None
         if args.kind.isidentifier():

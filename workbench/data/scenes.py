@@ -236,6 +236,29 @@ def check_text_size(text_size) -> tuple[float, float]:
     return lo, hi
 
 
+def check_words(words) -> tuple[str, ...]:
+    """The reading vocabulary as a tuple of distinct lower-case words; ValueError naming the fix otherwise.
+
+    Why a vocabulary can be chosen: with the default 64 words a few hundred training scenes show each word a
+    handful of times, too few for a small VLM to learn to read (docs/compare.md); a benchmark that must show
+    reading uses fewer words."""
+    if isinstance(words, str) or not isinstance(words, (list, tuple)):
+        raise ValueError(f"words {words!r}: give a list of words, e.g. ['cat', 'dog', 'car']")
+    out = tuple(words)
+    bad = [w for w in out if not (isinstance(w, str) and w.isascii() and w.isalpha() and w.islower())]
+    if bad:
+        raise ValueError(f"words: {bad!r} are not lower-case ASCII words; use letters a-z only")
+    if len(set(out)) != len(out) or len(out) < MAX_WORDS:
+        raise ValueError(f"words: need at least {MAX_WORDS} distinct words (a scene shows up to {MAX_WORDS} "
+                         f"different ones), got {list(out)}")
+    return out
+
+
+def reading_chance(words: tuple[str, ...] = WORDS) -> float:
+    """Accuracy of a uniform guess at a reading question over the vocabulary `words`."""
+    return 1 / len(words)
+
+
 def _reading_order(words: list[SceneWord]) -> list[SceneWord]:
     """Top-to-bottom lines, left-to-right within a line (a line = vertical overlap > half height)."""
     rest = sorted(words, key=lambda w: (w.bbox[1], w.bbox[0]))
@@ -277,16 +300,17 @@ def _place_objects(rng: np.random.Generator, size: int, n: int, margin: int) -> 
 
 
 def _place_words(rng: np.random.Generator, size: int, n: int, margin: int,
-                 objects: list[SceneObject], text_size: tuple[float, float] = TEXT_SIZE_RANGE) -> list[SceneWord]:
+                 objects: list[SceneObject], text_size: tuple[float, float] = TEXT_SIZE_RANGE,
+                 vocabulary: tuple[str, ...] = WORDS) -> list[SceneWord]:
     words: list[SceneWord] = []
     blocked = [(o.center[0] - o.radius, o.center[1] - o.radius, o.center[0] + o.radius, o.center[1] + o.radius)
                for o in objects]
     used_text: set[str] = set()
     used_color: set[str] = set()
     for _ in range(n):
-        text = WORDS[int(rng.integers(len(WORDS)))]
+        text = vocabulary[int(rng.integers(len(vocabulary)))]
         while text in used_text:
-            text = WORDS[int(rng.integers(len(WORDS)))]
+            text = vocabulary[int(rng.integers(len(vocabulary)))]
         color = TEXT_COLORS[int(rng.integers(len(TEXT_COLORS)))]
         while color in used_color:  # distinct colours let "the word in blue" name one word
             color = TEXT_COLORS[int(rng.integers(len(TEXT_COLORS)))]
@@ -456,13 +480,15 @@ def _render(size: int, background: str, bg_color: tuple[int, int, int], objects:
 
 def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = None,
                    n_words: int | None = None, render: bool = True,
-                   text_size: tuple[float, float] = TEXT_SIZE_RANGE) -> Scene:
+                   text_size: tuple[float, float] = TEXT_SIZE_RANGE, words: tuple[str, ...] | None = None) -> Scene:
     """A deterministic scene: 1-4 shapes and 0-2 words on a light background, with its truth.
 
     `n_objects` / `n_words` fix the counts (otherwise uniform in 1..4 and 0..2); objects or
     words that cannot be placed without touching are dropped and the truth says so.
     `text_size` is the (min, max) font size as a fraction of the image side: at low resolution
     larger words keep the letters as many pixels tall as they would be in a larger image.
+    `words` is the reading vocabulary (default `WORDS`); the same seed draws the same scene
+    layout with any vocabulary of the default's size.
     """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size {image_size} is too small for legible words; use at least {MIN_IMAGE_SIZE}")
@@ -473,6 +499,7 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     text_size = check_text_size(text_size)
+    vocabulary = WORDS if words is None else check_words(words)
     rng = np.random.default_rng(seed)
     size = int(image_size)
     margin = max(3, round(0.03 * size))
@@ -481,7 +508,7 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
     n_obj = int(rng.integers(1, MAX_OBJECTS + 1)) if n_objects is None else n_objects
     n_wrd = int(rng.integers(0, MAX_WORDS + 1)) if n_words is None else n_words
     objects = _place_objects(rng, size, n_obj, margin)
-    words = _place_words(rng, size, n_wrd, margin, objects, text_size)
+    words = _place_words(rng, size, n_wrd, margin, objects, text_size, vocabulary)
     caption, detailed = _captions(objects, words, background, size)
     qa = _questions(rng, objects, words, size)
     labels = _labels(objects, words, background, size)

@@ -90,12 +90,17 @@ def scene_id(index: int, n: int) -> str:
 
 
 _PARAM_DEFAULTS: dict[str, Any] = {"text_size": [float(v) for v in scenes_mod.TEXT_SIZE_RANGE]}
+# Parameters recorded only when chosen (absent = the generator's default).
+_OPTIONAL_PARAMS = ("words",)
 
 
 def _params(kind: str, n: int, seed: int, image_size: int, splits: Sequence[float],
-            text_size: Sequence[float]) -> dict[str, Any]:
-    return {"kind": kind, "n": n, "seed": seed, "image_size": image_size, "splits": list(splits),
-            "text_size": [float(v) for v in text_size], "generator": scenes_mod.GENERATOR_VERSION}
+            text_size: Sequence[float], words: tuple[str, ...] | None = None) -> dict[str, Any]:
+    params = {"kind": kind, "n": n, "seed": seed, "image_size": image_size, "splits": list(splits),
+              "text_size": [float(v) for v in text_size], "generator": scenes_mod.GENERATOR_VERSION}
+    if words is not None:  # recorded only when chosen, so manifests of the default vocabulary stay as they were
+        params["words"] = list(words)
+    return params
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -110,12 +115,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _make_one(job: tuple[int, int, int, str, str, tuple[float, float]]) -> dict[str, Any]:
+def _make_one(job: tuple) -> dict[str, Any]:
     """Truth row for one image; draws and saves it unless the PNG is already there."""
-    index, seed, image_size, image_path, split, text_size = job
+    index, seed, image_size, image_path, split, text_size, words = job
     path = Path(image_path)
     exists = path.is_file() and path.stat().st_size > 0
-    scene = scenes_mod.generate_scene(seed, image_size, render=not exists, text_size=text_size)
+    scene = scenes_mod.generate_scene(seed, image_size, render=not exists, text_size=text_size, words=words)
     if scene.image is not None:
         buf = io.BytesIO()
         scene.image.save(buf, "PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -140,9 +145,12 @@ def _check_out_dir(out: Path, params: dict[str, Any]) -> str:
                                  f"{old.get('kind') if isinstance(old, dict) else 'unknown'!r}), not a synth output; "
                                  "choose an empty or new directory")
             # datasets written before a parameter existed were made with its default
-            old_params = {k: old.get(k, _PARAM_DEFAULTS.get(k)) for k in params}
-            if old_params != params:
-                diff = ", ".join(f"{k}={old_params[k]!r} (now {params[k]!r})" for k in params if old_params[k] != params[k])
+            keys = list(params) + [k for k in _OPTIONAL_PARAMS if k in old and k not in params]
+            old_params = {k: old.get(k, _PARAM_DEFAULTS.get(k)) for k in keys}
+            new_params = {k: params.get(k) for k in keys}
+            if old_params != new_params:
+                diff = ", ".join(f"{k}={old_params[k]!r} (now {new_params[k]!r})" for k in keys
+                                 if old_params[k] != new_params[k])
                 raise SynthError(f"{out} already holds a dataset made with different arguments: {diff}. "
                                  f"Rerun with the same arguments, choose another --out, or remove {out}")
             if marker == manifest and _is_complete(out, old):
@@ -230,13 +238,16 @@ class _Writers:
             (self.out / f".{name}.tmp").unlink(missing_ok=True)
 
 
-def _qa_stats(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _qa_stats(counts: dict[str, dict[str, int]], words: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Per QA type: number of questions, chance (uniform guess) and the majority-answer rate."""
+    chance = dict(scenes_mod.CHANCE)
+    if words is not None:
+        chance["reading"] = scenes_mod.reading_chance(words)
     stats = {}
     for qtype in scenes_mod.QA_TYPES:
         c = counts.get(qtype, {})
         total = sum(c.values())
-        stats[qtype] = {"n": total, "chance": round(scenes_mod.CHANCE[qtype], 6),
+        stats[qtype] = {"n": total, "chance": round(chance[qtype], 6),
                         "majority": round(max(c.values()) / total, 6) if total else None}
     return stats
 
@@ -244,11 +255,12 @@ def _qa_stats(counts: dict[str, dict[str, int]]) -> dict[str, Any]:
 def synth_scenes(out: str | Path, n: int, seed: int = 0, image_size: int = 384,
                  splits: Sequence[float] | str = (0.8, 0.1, 0.1), workers: int | None = None,
                  progress: bool = True, log: Callable[[str], None] | None = print,
-                 text_size: Sequence[float] | None = None) -> SynthResult:
+                 text_size: Sequence[float] | None = None, words: Sequence[str] | None = None) -> SynthResult:
     """Generate `n` scenes into `out` (see the module docstring for the layout).
 
     `text_size`: (min, max) font size as a fraction of the image side (default
-    `scenes.TEXT_SIZE_RANGE`).
+    `scenes.TEXT_SIZE_RANGE`). `words`: the reading vocabulary (default `scenes.WORDS`); the
+    manifest's reading chance follows it.
 
     `workers` processes draw and encode the PNGs (None: up to 8, one per CPU). On 2 cores two
     workers double the rate, because PNG encoding, not drawing, is the bottleneck. The
@@ -266,9 +278,13 @@ def synth_scenes(out: str | Path, n: int, seed: int = 0, image_size: int = 384,
         text_size = scenes_mod.check_text_size(scenes_mod.TEXT_SIZE_RANGE if text_size is None else text_size)
     except ValueError as exc:
         raise SynthError(f"--text-size: {exc}") from None
+    try:
+        words = None if words is None else scenes_mod.check_words(list(words))
+    except ValueError as exc:
+        raise SynthError(f"--words: {exc}") from None
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
-    params = _params("scenes", n, seed, image_size, fractions, text_size)
+    params = _params("scenes", n, seed, image_size, fractions, text_size, words)
     state = _check_out_dir(out, params)
     if state == "complete":
         manifest = json.loads((out / "manifest.json").read_text())
@@ -282,8 +298,8 @@ def synth_scenes(out: str | Path, n: int, seed: int = 0, image_size: int = 384,
     (out / PROGRESS_FILE).write_text(json.dumps(params, indent=2) + "\n")
 
     split_of = assign_splits(n, fractions, seed)
-    jobs = [(i, scene_seed(seed, i), image_size, str(out / "images" / f"{scene_id(i, n)}.png"), split_of[i], text_size)
-            for i in range(n)]
+    jobs = [(i, scene_seed(seed, i), image_size, str(out / "images" / f"{scene_id(i, n)}.png"), split_of[i], text_size,
+             words) for i in range(n)]
     writers = _Writers(out)
     qa_counts: dict[str, dict[str, int]] = {}
     try:
@@ -303,7 +319,7 @@ def synth_scenes(out: str | Path, n: int, seed: int = 0, image_size: int = 384,
         "split_counts": split_counts,
         "files": ["images/", *OUTPUT_FILES],
         "label_names": list(scenes_mod.LABEL_NAMES),
-        "qa_types": _qa_stats(qa_counts),
+        "qa_types": _qa_stats(qa_counts, words),
     })
     _atomic_write(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     (out / PROGRESS_FILE).unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from model.presets import PRESETS
-from workbench.data.scenes import LABEL_NAMES
+from workbench.data.scenes import LABEL_NAMES, check_text_size, check_words
 
 ENCODER_KINDS = ("florence2", "davit", "clip", "cvt", "cycle")
 FUSIONS = ("channel", "token", "average")
@@ -121,8 +121,14 @@ _DEFAULTS: dict[str, Any] = {
 }
 _TRAIN_KEYS = {"max_steps", "epochs", "batch_size", "micro_batch_size", "lr", "warmup_ratio", "weight_decay",
                "max_grad_norm", "min_lr_ratio"}
+# independent_turns: each synthetic question trains as a lone question about its image (the recipe's setting)
+_VLM_KEYS = _TRAIN_KEYS | {"independent_turns"}
+# Optional data keys (absent: the generator's defaults, and the same fingerprints as configs without them):
+# the reading vocabulary and the font size range as fractions of the image side.
+_DATA_OPTIONAL = {"words", "text_size"}
 _ENCODER_KEYS = {
-    "florence2": _TRAIN_KEYS | {"tasks"},
+    # split_tasks: one (image, task) pair per sample; tag_weight: the dense region-tag loss (model.training.florence2)
+    "florence2": _TRAIN_KEYS | {"tasks", "split_tasks", "tag_weight"},
     "clip": {"steps", "batch_size", "lr", "embed_dim", "text_tower", "pooling"},
     "supervised": {"steps", "batch_size", "lr", "label", "pooling"},
     "cycle": {"steps", "batch_size", "lr", "lam", "num_classes", "videos_per_class", "frames", "pooling"},
@@ -225,7 +231,17 @@ def load_config(source: str | Path | Mapping[str, Any]) -> CompareConfig:
 
 
 def _data_section(given: Any) -> dict:
-    data = _merge_section("data", given, _DEFAULTS["data"])
+    data = _merge_section("data", given, _DEFAULTS["data"], set(_DEFAULTS["data"]) | _DATA_OPTIONAL)
+    if data.get("words") is not None:
+        try:
+            data["words"] = list(check_words(data["words"]))
+        except ValueError as exc:
+            raise ConfigError(f"data.{exc}") from None
+    if data.get("text_size") is not None:
+        try:
+            data["text_size"] = list(check_text_size(data["text_size"]))
+        except ValueError as exc:
+            raise ConfigError(f"data.{exc}") from None
     _check_int("data.n", data["n"], 20)
     _check_int("data.image_size", data["image_size"], 64)
     _check_int("data.seed", data["seed"], 0)
@@ -260,7 +276,7 @@ def _training_section(given: Any) -> dict:
     training = {}
     for stage in ("pretrain", "finetune"):
         training[stage] = _merge_section(f"training.{stage}", given.get(stage), _DEFAULTS["training"][stage],
-                                         _TRAIN_KEYS)
+                                         _VLM_KEYS)
         _check_budget(f"training.{stage}", training[stage])
     return training
 

@@ -99,6 +99,19 @@ def _object_descriptors(tokens: np.ndarray, boxes: list, size: int) -> dict[int,
     return out
 
 
+def channel_layout(feats: np.ndarray, n_streams: int) -> np.ndarray:
+    """Token-concatenated `fusion.input` (n, K*M, C), K streams of M tokens each, rearranged to the channel
+    layout (n, M, K*C) of channel fusion, so a token's streams sit side by side as in the paper's DBFusion and
+    the correspondence score reads the same grid for every fusion mode."""
+    if n_streams <= 1:
+        return feats
+    n, tokens, width = feats.shape
+    if tokens % n_streams:
+        raise ValueError(f"fusion.input holds {tokens} tokens per image, not {n_streams} equal streams")
+    per = tokens // n_streams
+    return feats.reshape(n, n_streams, per, width).transpose(0, 2, 1, 3).reshape(n, per, n_streams * width)
+
+
 def correspondence(feats: np.ndarray, items: list[str], boxes: dict[str, dict], size: int) -> tuple[float, float, int]:
     """(score, chance, number of objects): the share of objects whose features in view a are nearest (cosine,
     channels standardised) to their own features in view b, and b to a, among ALL objects of all scenes visible
@@ -157,7 +170,8 @@ def measure_variant_seed(ctx: Context, v: Variant, seed: int, text: np.ndarray, 
         curve = alignment_curve(np.concatenate(list(feats.values()), axis=1), text, **kw)
     probe, per_label = _probe_accuracy(cfg, store, seed)
     views = FeatureStore(views_dir_)
-    score, chance, n_obj = correspondence(views.load("fusion.input", dtype=np.float32), list(views.items),
+    grid = channel_layout(views.load("fusion.input", dtype=np.float32), len(v.streams) if v.fusion == "token" else 1)
+    score, chance, n_obj = correspondence(grid, list(views.items),
                                           load_views(ctx.views_dir), int(cfg.data["image_size"]))
     record = {"fingerprint": fingerprint(settings), "alignment": curve["eval_loss"],
               "alignment_chance": curve["chance"], "alignment_curve": curve["eval_curve"], "probe": probe,

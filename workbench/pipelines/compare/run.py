@@ -69,7 +69,8 @@ def _prepare_data(cfg: CompareConfig, out: Path, progress: bool) -> tuple[Path, 
     data_dir = out / "data"
     try:
         synth_scenes(data_dir, cfg.data["n"], seed=cfg.data["seed"], image_size=cfg.data["image_size"],
-                     splits=cfg.data["splits"], progress=progress, log=None)
+                     splits=cfg.data["splits"], progress=progress, log=None, text_size=cfg.data.get("text_size"),
+                     words=cfg.data.get("words"))
     except SynthError as exc:
         raise ConfigError(f"data: {exc} (the data in {data_dir} was made with other settings; use a new --out)") from None
     m = cfg.measures

@@ -148,10 +148,11 @@ def _train_florence2_encoder(ctx: Context, enc_dir: Path) -> dict:
     cfg = ctx.cfg
     budget = dict(cfg.encoders["florence2"])
     tasks = tuple(budget.pop("tasks"))
+    objective = {k: budget.pop(k) for k in ("split_tasks", "tag_weight") if k in budget}
     model, processor = build_model(cfg.preset, image_size=cfg.data["image_size"], seed=cfg.seed, device=ctx.device)
     tc = TrainConfig(out_dir=str(enc_dir / "run"), stage="florence2", seed=cfg.seed, save_every=0, resume=True,
                      progress=ctx.progress, **budget)
-    _, history = train_florence2(model, processor, ctx.data_dir, tc, tasks=tasks)
+    _, history = train_florence2(model, processor, ctx.data_dir, tc, tasks=tasks, **objective)
     state = {k: t.detach().cpu().contiguous().clone() for k, t in model.vision_tower.state_dict().items()}
     save_file(state, str(enc_dir / "extractor.safetensors"))
     return _loss_summary([h["loss"] for h in history])
