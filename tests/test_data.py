@@ -309,6 +309,15 @@ def test_synth_rerun_noop_conflict_and_resume(tmp_path, capsys):
     assert _snapshot(d) == before
 
 
+def _check_option_defines_the_dataset(d, tmp_path, capsys, option: str, bad: str, key: str) -> None:
+    """Rerunning `d` without `option` is another dataset (refused, naming `key`); a bad value is refused by name."""
+    capsys.readouterr()
+    assert _synth(d) == 2
+    assert key in capsys.readouterr().err
+    assert _synth(tmp_path / "bad", option, bad) == 2
+    assert option in capsys.readouterr().err
+
+
 def test_synth_text_size_is_recorded_and_checked(tmp_path, capsys):
     d = tmp_path / "d"
     assert _synth(d, "--text-size", "0.12,0.16") == 0
@@ -317,11 +326,7 @@ def test_synth_text_size_is_recorded_and_checked(tmp_path, capsys):
     rows = [json.loads(line) for line in (d / "scenes.jsonl").read_text().splitlines()]
     fonts = [w["font_size"] for r in rows for w in r["words"]]
     assert fonts and max(fonts) <= round(0.16 * 64)
-    capsys.readouterr()
-    assert _synth(d) == 2  # the default size is a different dataset
-    assert "text_size" in capsys.readouterr().err
-    assert _synth(tmp_path / "bad", "--text-size", "0.3,0.1") == 2
-    assert "--text-size" in capsys.readouterr().err
+    _check_option_defines_the_dataset(d, tmp_path, capsys, "--text-size", "0.3,0.1", "text_size")
     # a dataset written before the option existed was made with the default size: still complete
     old = tmp_path / "old"
     assert _synth(old) == 0
@@ -340,11 +345,7 @@ def test_synth_words_set_the_vocabulary_and_the_reading_chance(tmp_path, capsys)
     assert manifest["qa_types"]["reading"]["chance"] == 0.25
     rows = [json.loads(line) for line in (d / "scenes.jsonl").read_text().splitlines()]
     assert {w["text"] for r in rows for w in r["words"]} <= {"cat", "dog", "car", "fish"}
-    capsys.readouterr()
-    assert _synth(d) == 2  # the default vocabulary is a different dataset
-    assert "words" in capsys.readouterr().err
-    assert _synth(tmp_path / "bad", "--words", "cat") == 2
-    assert "--words" in capsys.readouterr().err
+    _check_option_defines_the_dataset(d, tmp_path, capsys, "--words", "cat", "words")
     default = tmp_path / "default"
     assert _synth(default) == 0
     m = json.loads((default / "manifest.json").read_text())
