@@ -487,8 +487,8 @@ def generate_scene(seed: int, image_size: int = 384, *, n_objects: int | None = 
     words that cannot be placed without touching are dropped and the truth says so.
     `text_size` is the (min, max) font size as a fraction of the image side: at low resolution
     larger words keep the letters as many pixels tall as they would be in a larger image.
-    `words` is the reading vocabulary (default `WORDS`); the same seed draws the same scene
-    layout with any vocabulary of the default's size.
+    `words` is the reading vocabulary (default `WORDS`): the objects and the number of words
+    drawn for a seed do not depend on it; the words' texts and places do.
     """
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size {image_size} is too small for legible words; use at least {MIN_IMAGE_SIZE}")

@@ -232,16 +232,12 @@ def load_config(source: str | Path | Mapping[str, Any]) -> CompareConfig:
 
 def _data_section(given: Any) -> dict:
     data = _merge_section("data", given, _DEFAULTS["data"], set(_DEFAULTS["data"]) | _DATA_OPTIONAL)
-    if data.get("words") is not None:
-        try:
-            data["words"] = list(check_words(data["words"]))
-        except ValueError as exc:
-            raise ConfigError(f"data.{exc}") from None
-    if data.get("text_size") is not None:
-        try:
-            data["text_size"] = list(check_text_size(data["text_size"]))
-        except ValueError as exc:
-            raise ConfigError(f"data.{exc}") from None
+    for key, check in (("words", check_words), ("text_size", check_text_size)):
+        if data.get(key) is not None:
+            try:
+                data[key] = list(check(data[key]))
+            except ValueError as exc:  # the generator's message starts with the key's name
+                raise ConfigError(f"data.{exc}") from None
     _check_int("data.n", data["n"], 20)
     _check_int("data.image_size", data["image_size"], 64)
     _check_int("data.seed", data["seed"], 0)
