@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from workbench.cli import main
+from workbench.data.dataset import load_scenes
 from workbench.pipelines.compare import ConfigError, load_config, shipped_config
 from workbench.pipelines.compare.measures import channel_layout, correspondence
 from workbench.pipelines.compare.orderings import Evidence, compute_orderings
@@ -75,7 +76,11 @@ def test_unknown_encoder_config_key_is_refused_before_any_work():
     ({"data": {"n": 5}}, "data.n"),
     ({"data": {"words": ["cat"]}}, "data.words"),
     ({"data": {"text_size": [0.3, 0.1]}}, "data.text_size"),
+    ({"data": {"encoder_scenes": 4000}}, "data.encoder_scenes"),
+    ({"data": {"encoder_scenes": {"n": 10, "seed": 1}}}, "data.encoder_scenes.n"),
+    ({"data": {"seed": 3, "encoder_scenes": {"n": 100, "seed": 3}}}, "data.encoder_scenes.seed"),
     ({"training": {"pretrain": {"split_tasks": True}}}, "training.pretrain"),
+    ({"encoders": {"florence2": {"loss_per": "word"}}}, "encoders.florence2.loss_per"),
     ({"seeds": 0}, "seeds"),
     ({"seeds": [1, 1]}, "seeds"),
     ({"measures": {"crop": [0.9, 0.5]}}, "measures.crop"),
@@ -301,6 +306,14 @@ def test_quick_run_judges_every_claim_with_an_interval(quick_run):
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["words"] == cfg.data["words"] and manifest["text_size"] == cfg.data["text_size"]
     assert result["variants"][0]["chance"]["reading"] == pytest.approx(1 / len(cfg.data["words"]), abs=1e-6)
+    # each pretrained encoder is listed once; the Florence-2 tower also scores itself on the held-out scenes
+    f2 = [e for e in result["encoders"] if e["objective"] == "florence2"]
+    assert len(f2) == 1 and f2[0]["steps"] == cfg.encoders["florence2"]["max_steps"]
+    own = f2[0]["tower_eval"]
+    assert own["split"] == cfg.eval["split"] == "test"
+    assert own["images"] == len(load_scenes(out / "data", split="test"))
+    assert all(0 <= own[k] <= 1 for k in ("caption_token_f1", "region_recall_iou50"))
+    assert "## Pretrained encoders" in md
 
 
 def test_rerun_reuses_finished_work(quick_run, capsys):
@@ -376,3 +389,23 @@ def test_supervised_and_cycle_encoders_train_and_fit_their_variants(tmp_path):
         assert weights.is_file() and record["steps"] == 2 and record["objective"] in ("supervised", "cycle")
         model, _ = build_variant_model(cfg, v, cfg.seeds[0])
         load_encoder_weights(model, v, weights)  # raises if the trained weights do not fit the variant
+    assert trained_encoder(ctx, cfg.variants[0])[1]["scenes"] == 12  # the comparison's train split
+
+
+def test_encoders_pretrain_on_their_own_corpus_when_the_config_names_one(tmp_path):
+    """`data.encoder_scenes` draws a separate corpus (all of it for training, other scenes than the comparison's)
+    and the scene-trained encoders learn from it; the comparison's own data is unchanged."""
+    from workbench.pipelines.compare.run import _prepare_data
+    from workbench.pipelines.compare.variants import Context, trained_encoder
+
+    data = {"n": 20, "image_size": 64, "seed": 0, "splits": [0.6, 0.2, 0.2], "encoder_scenes": {"n": 24, "seed": 9}}
+    cfg = load_config(_cfg(variants=[{"name": "cvt", "encoder": "cvt"}], align={"reference": "cvt"}, data=data,
+                           encoders={"supervised": {"steps": 2, "batch_size": 4}}))
+    data_dir, corpus, views = _prepare_data(cfg, tmp_path, progress=False)
+    assert corpus != data_dir and len(load_scenes(corpus, split="train")) == 24
+    assert len(load_scenes(data_dir, split="train")) == 12
+    images = lambda d: {p.read_bytes() for p in (d / "images").glob("*.png")}  # noqa: E731
+    assert not images(corpus) & images(data_dir)  # no comparison scene, test split included, is pretrained on
+    ctx = Context(cfg, tmp_path, data_dir, views, False, False, lambda s: None, lambda *a: None,
+                  encoder_data_dir=corpus)
+    assert trained_encoder(ctx, cfg.variants[0])[1]["scenes"] == 24

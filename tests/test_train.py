@@ -340,6 +340,16 @@ def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path, capsys):
         batch.pop("row_task")
         plain = Florence2Task(f2)(**batch)
     assert float(grouped) == pytest.approx(float(plain), rel=1e-4)
+    # per-sequence normalisation: each row's token sum over its own length, and the sample counts its rows
+    seq_data = florence2_stage_data(samples, proc, per_sequence=True)
+    assert [seq_data.label_count(i) for i in range(3)] == [2, 2, 2]
+    one_row = {k: (v[:1] if k in ("row_image", "prompt_ids", "prompt_mask", "labels", "row_task") else v)
+               for k, v in seq_data.make_batch([0]).items()}
+    n_tokens = int((one_row["labels"] != -100).sum())
+    with torch.no_grad():
+        summed = Florence2Task(f2)(**one_row)
+        averaged = Florence2Task(f2, per_sequence=True)(**one_row)
+    assert n_tokens > 1 and float(averaged) == pytest.approx(float(summed) / n_tokens, rel=1e-5)
     # the extractor now holds the pretrained weights: same depth features as the native model
     px = proc.images([samples[0].image])
     with torch.no_grad():
@@ -356,6 +366,17 @@ def test_florence2_pretraining_learns_and_transfers(data_dir, tmp_path, capsys):
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("ocr_exact_match", "caption_token_f1", "region_recall_iou50"))
     cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert cli["device"] == "cpu" and cli["dtype"] == "bfloat16" and cli["n_images"] == 2
+
+
+def test_fvl_train_florence2_passes_the_objective_options(data_dir, tmp_path):
+    """--split-tasks and --loss-per reach the trainer: with one (image, task) row per sample and rows as the
+    normaliser, every step's label count is its batch size."""
+    assert fvl(["train", "florence2", "--preset", "tiny", "--image-size", "64", "--data", str(data_dir),
+                "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "3", "--split-tasks",
+                "--loss-per", "sequence", "--save-every", "0", "--quiet"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("stage") == "florence2" and "tokens" in r]
+    assert len(steps) == 2 and all(r["tokens"] == 3 for r in steps)
 
 
 def test_ocr_exact_match_is_also_reported_on_images_with_text(data_dir, tiny, monkeypatch):

@@ -127,8 +127,9 @@ class Florence2Task(nn.Module):
 
     def __init__(self, florence2, tag_head: nn.Module | None = None, tag_weight: float = 0.0,
                  tag_scale: float = 1.0, tag_vocab: TagVocab | None = None, tag_object_weight: float = 5.0,
-                 global_token: bool = True):
+                 global_token: bool = True, per_sequence: bool = False):
         super().__init__()
+        self.per_sequence = per_sequence  # each (image, task) row's mean token loss, not its token sum
         self.florence2 = florence2
         self.tag_head = tag_head
         self.tag_weight = tag_weight
@@ -171,7 +172,12 @@ class Florence2Task(nn.Module):
                               use_cache=False).last_hidden_state
             keep = lab != IGNORE_INDEX
             logits = f2.lm_head(hidden[keep])
-            total = total + F.cross_entropy(logits.float(), lab[keep], reduction="sum")
+            if self.per_sequence:
+                token_loss = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+                token_loss[keep] = F.cross_entropy(logits.float(), lab[keep], reduction="none")
+                total = total + (token_loss.sum(1) / keep.sum(1).clamp_min(1)).sum()
+            else:
+                total = total + F.cross_entropy(logits.float(), lab[keep], reduction="sum")
         if self.tag_head is not None and tag_cells is not None and self.tag_weight > 0:
             per_image = tag_loss(self.tag_head(image).float(), tag_cells, tag_boxes, tag_global, self.tag_vocab,
                                  self.tag_object_weight, self.global_token)
@@ -190,11 +196,13 @@ def pad_rows(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, t
 
 
 def florence2_stage_data(samples: Sequence[Florence2Sample], processor, tag_vocab: TagVocab | None = None,
-                         grid: int | None = None, global_token: bool = True) -> StageData:
+                         grid: int | None = None, global_token: bool = True, per_sequence: bool = False) -> StageData:
+    """Batches of (image, task) rows; a sample counts its label tokens, or its rows with `per_sequence` (the
+    loss is then normalised by rows, matching `Florence2Task(per_sequence=True)`)."""
     tok = processor.florence2_tokenizer
     prompts = {t: task_prompt_ids(tok, t) for s in samples for t in s.tasks}
     task_index = {t: k for k, t in enumerate(sorted(prompts))}
-    counts = [sum(len(t) for t in s.targets) for s in samples]
+    counts = [len(s.targets) if per_sequence else sum(len(t) for t in s.targets) for s in samples]
     pixels = DecodedImageCache()  # every image is visited once per task and epoch: decode it once
 
     @functools.lru_cache(maxsize=None)
@@ -267,11 +275,14 @@ def load_florence2(path: str | Path):
 
 def train_florence2(model, processor, data_dir: str | Path, config: TrainConfig, *,
                     tasks: Sequence[str] = DEFAULT_TASKS, tag_weight: float = 1.0, split_tasks: bool = False,
-                    florence2=None) -> tuple[Any, list[dict[str, Any]]]:
+                    loss_per: str = "token", florence2=None) -> tuple[Any, list[dict[str, Any]]]:
     """Pretrain a native Florence-2 on the data's caption/OCR/region tasks, then copy it into `model`.
 
     `tag_weight` weighs the dense region-tag loss (0 turns it off: pure seq2seq); `split_tasks` makes
-    each sample one (image, task) pair (see `load_florence2_samples`). Writes
+    each sample one (image, task) pair (see `load_florence2_samples`). `loss_per` "token" averages the
+    seq2seq loss over label tokens (Florence-2's objective); "sequence" averages each (image, task) row over
+    its own tokens first, so a three-token OCR target weighs as much as a sixty-token caption - on small
+    budgets the token average leaves reading a few percent of the gradient. Writes
     OUT/checkpoint-*/ (native Florence-2 + tag head, resumable) and OUT/model/ (the Florence-VL model
     whose extractor now holds the pretrained weights, with the native Florence-2 in
     OUT/model/florence2/, written in one atomic step so a finished stage always has both).
@@ -291,8 +302,13 @@ def train_florence2(model, processor, data_dir: str | Path, config: TrainConfig,
         head = nn.Linear(florence2.config.text_config.d_model, vocab.size)
     grid = model.config.grid_size(processor.image_size)
     global_token = True  # the native Florence-2 projector always puts the pooled image token first
-    scale = sum(sum(len(t) for t in s.targets) for s in samples) / len(samples)
-    task = Florence2Task(florence2, head, tag_weight, scale, vocab, global_token=global_token)
+    if loss_per not in ("token", "sequence"):
+        raise ValueError(f"loss_per {loss_per!r}: choose 'token' (Florence-2's token average) or 'sequence'")
+    per_sequence = loss_per == "sequence"
+    data = florence2_stage_data(samples, processor, vocab, grid, global_token, per_sequence=per_sequence)
+    scale = sum(data.label_count(i) for i in range(len(samples))) / len(samples)
+    task = Florence2Task(florence2, head, tag_weight, scale, vocab, global_token=global_token,
+                         per_sequence=per_sequence)
 
     def save(d: Path) -> None:
         save_florence2(florence2, processor, d)
@@ -306,7 +322,7 @@ def train_florence2(model, processor, data_dir: str | Path, config: TrainConfig,
             head.load_state_dict(load_file(str(d / TAG_HEAD_FILE)))
 
     torch.manual_seed(cfg.seed)
-    history = run_loop(task, florence2_stage_data(samples, processor, vocab, grid, global_token), cfg,
+    history = run_loop(task, data, cfg,
                        LoopHooks(save, load),
                        is_vision_param=lambda n: ".vision_tower." in n or ".multi_modal_projector." in n)
     florence2.eval()

@@ -81,8 +81,8 @@ def run(args) -> int:
     except pipeline.ConfigError as exc:
         raise UserError(str(exc)) from None
     if args.json:
-        print(json.dumps({k: result[k] for k in ("seeds", "orderings", "untestable", "proxies", "variants", "files",
-                                                 "meta")}))
+        keys = ("seeds", "orderings", "untestable", "proxies", "variants", "encoders", "files", "meta")
+        print(json.dumps({k: result[k] for k in keys}))
     else:
         _summary(result)
     return 0

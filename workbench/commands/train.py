@@ -58,6 +58,11 @@ def register(sub) -> None:
     f.add_argument("--image-size", type=int, default=None, help="input side for a --preset model (default: preset's)")
     f.add_argument("--tasks", default="<DETAILED_CAPTION>,<OCR>,<DENSE_REGION_CAPTION>",
                    help="comma-separated Florence-2 tasks (default: the three Florence-VL prompts' tasks)")
+    f.add_argument("--split-tasks", action="store_true",
+                   help="one (image, task) pair per sample instead of every task of an image in one sample")
+    f.add_argument("--loss-per", choices=("token", "sequence"), default="token",
+                   help="average the seq2seq loss over label tokens (Florence-2's objective, default) or over "
+                        "(image, task) rows, so short OCR targets weigh as much as long captions")
     _add_loop_args(f, epochs=2.0, batch_size=16, lr=1e-3)
     f.set_defaults(func=run_florence2, resumable=True)
 
@@ -196,7 +201,8 @@ def run_florence2(args) -> int:
     if model.config.encoder_type != "florence2":
         raise UserError(f"the model's encoder is {model.config.encoder_type!r}; Florence-2 pretraining needs florence2")
     try:
-        _, history = train_florence2(model, processor, data, config, tasks=tasks)
+        _, history = train_florence2(model, processor, data, config, tasks=tasks, split_tasks=args.split_tasks,
+                                     loss_per=args.loss_per)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     _summary(history, args.out)

@@ -124,11 +124,13 @@ _TRAIN_KEYS = {"max_steps", "epochs", "batch_size", "micro_batch_size", "lr", "w
 # independent_turns: each synthetic question trains as a lone question about its image (the recipe's setting)
 _VLM_KEYS = _TRAIN_KEYS | {"independent_turns"}
 # Optional data keys (absent: the generator's defaults, and the same fingerprints as configs without them):
-# the reading vocabulary and the font size range as fractions of the image side.
-_DATA_OPTIONAL = {"words", "text_size"}
+# the reading vocabulary, the font size range as fractions of the image side, and the encoders' own pretraining
+# scenes {"n", "seed"} (drawn by the same generator with another seed; absent: the encoders train on the train split).
+_DATA_OPTIONAL = {"words", "text_size", "encoder_scenes"}
 _ENCODER_KEYS = {
-    # split_tasks: one (image, task) pair per sample; tag_weight: the dense region-tag loss (model.training.florence2)
-    "florence2": _TRAIN_KEYS | {"tasks", "split_tasks", "tag_weight"},
+    # split_tasks: one (image, task) pair per sample; tag_weight: the dense region-tag loss; loss_per: "token" or
+    # "sequence" normalisation of the seq2seq loss (model.training.florence2.train_florence2)
+    "florence2": _TRAIN_KEYS | {"tasks", "split_tasks", "tag_weight", "loss_per"},
     "clip": {"steps", "batch_size", "lr", "embed_dim", "text_tower", "pooling"},
     "supervised": {"steps", "batch_size", "lr", "label", "pooling"},
     "cycle": {"steps", "batch_size", "lr", "lam", "num_classes", "videos_per_class", "frames", "pooling"},
@@ -244,7 +246,24 @@ def _data_section(given: Any) -> dict:
     splits = data["splits"]
     if not (isinstance(splits, list) and len(splits) == 3 and all(isinstance(s, (int, float)) and s > 0 for s in splits)):
         raise ConfigError(f"data.splits: expected three positive fractions [train, val, test], got {splits!r}")
+    if data.get("encoder_scenes") is not None:
+        _check_encoder_scenes(data["encoder_scenes"], data["seed"])
     return data
+
+
+def _check_encoder_scenes(given: Any, data_seed: int) -> None:
+    """`data.encoder_scenes` {"n", "seed"}: a corpus of its own for pretraining the encoders. Why: the paper's
+    Florence-2 learnt to read from far more images than the VLM is tuned on; a tower pretrained on the few
+    hundred scenes of the train split memorises their words instead. The seed must differ from `data.seed`,
+    or the corpus would repeat the comparison's own scenes, test split included."""
+    example = '{"n": 4000, "seed": 1}'
+    if not isinstance(given, dict) or set(given) != {"n", "seed"}:
+        raise ConfigError(f"data.encoder_scenes: expected {example}, got {given!r}")
+    _check_int("data.encoder_scenes.n", given["n"], 20)
+    _check_int("data.encoder_scenes.seed", given["seed"], 0)
+    if given["seed"] == data_seed:
+        raise ConfigError(f"data.encoder_scenes.seed: {given['seed']} is data.seed too, so the encoders would see "
+                          f"the test scenes; choose another seed")
 
 
 def _encoders_section(given: Any) -> dict:
@@ -258,6 +277,9 @@ def _encoders_section(given: Any) -> dict:
     for obj, defaults in _DEFAULTS["encoders"].items():
         encoders[obj] = _merge_section(f"encoders.{obj}", given.get(obj), defaults, _ENCODER_KEYS[obj])
         _check_budget(f"encoders.{obj}", encoders[obj])
+    if encoders["florence2"].get("loss_per", "token") not in ("token", "sequence"):
+        raise ConfigError(f"encoders.florence2.loss_per: {encoders['florence2']['loss_per']!r} is not 'token' or "
+                          "'sequence'")
     if encoders["supervised"]["label"] not in LABEL_NAMES:
         raise ConfigError(f"encoders.supervised.label: unknown label {encoders['supervised']['label']!r}; "
                           f"choose from {list(LABEL_NAMES)}")

@@ -137,8 +137,8 @@ def _claim_rows(orderings: list[dict]) -> list[dict]:
     return rows
 
 
-def _markdown(cfg: CompareConfig, rows: list[dict], orderings: list[dict], untestable: list[dict],
-              proxies: Mapping[str, dict], meta: dict) -> str:
+def _markdown(cfg: CompareConfig, rows: list[dict], encoders: list[dict], orderings: list[dict],
+              untestable: list[dict], proxies: Mapping[str, dict], meta: dict) -> str:
     counts = {k: sum(o["verdict"] == k for o in orderings) for k in ("reproduced", "reversed", "unresolved")}
     md = [f"# Florence-VL comparison in miniature: {cfg.name}", "",
           f"Preset `{cfg.preset}`, {cfg.data['n']} synthetic scenes at {cfg.data['image_size']} px, seeds "
@@ -164,6 +164,10 @@ def _markdown(cfg: CompareConfig, rows: list[dict], orderings: list[dict], untes
            + "):", "", markdown_table([{"variant": r["variant"], **{t: fmt_ci(r[f'vqa.{t}']['value'],
                                         r[f'vqa.{t}']['ci_low'], r[f'vqa.{t}']['ci_high']) for t in types}}
                                        for r in rows], ["variant", *types])]
+    md += ["## Pretrained encoders", "", _encoder_table(encoders),
+           "The Florence-2 tower's own scores (OCR exact match on images with text, caption token F1, region "
+           f"recall at IoU 0.5) are on the `{cfg.eval['split']}` split: they say whether reading fails in the tower "
+           "or in the VLM.", ""]
     prow = [{"measure": k, "better": p["better"], "Spearman with VQA": fmt_ci(p["spearman"], p["ci_low"], p["ci_high"], 2),
              "would pick": p["picks"], "its VQA": _r(p["picked_vqa"], 3), "best by VQA": p["best"],
              "VQA gap to best": fmt_ci(p["pick_gap"], *p["pick_gap_ci"])} for k, p in proxies.items()]
@@ -177,15 +181,40 @@ def _markdown(cfg: CompareConfig, rows: list[dict], orderings: list[dict], untes
     return "\n".join(md)
 
 
+def encoder_rows(cfg: CompareConfig, ev: Evidence) -> list[dict]:
+    """One row per pretrained encoder (shared by variants and seeds): objective, budget, corpus, own scores."""
+    seen: dict[tuple, dict] = {}
+    for v in cfg.variants:
+        rec = ev.records[v.name][0].get("encoder") or {}
+        if v.training == "random" or not rec:
+            continue
+        name = "florence2" if v.training == "florence2" else v.encoder
+        seen.setdefault((name, v.training), {
+            "encoder": name, "objective": v.training, "steps": rec.get("steps"), "scenes": rec.get("scenes"),
+            "first_loss": rec.get("first_loss"), "final_loss": rec.get("final_loss"),
+            "minutes": _r(rec.get("minutes"), 2), "tower_eval": rec.get("tower_eval")})
+    return list(seen.values())
+
+
+def _encoder_table(encoders: list[dict]) -> str:
+    keys = ("ocr_exact_match_with_text", "caption_token_f1", "region_recall_iou50")
+    return markdown_table([{
+        "encoder": e["encoder"], "objective": e["objective"], "steps": e["steps"], "scenes": e["scenes"],
+        "loss": f"{e['first_loss']} -> {e['final_loss']}", "minutes": e["minutes"],
+        "OCR / caption F1 / regions": " / ".join(str(e["tower_eval"][k]) for k in keys) if e["tower_eval"] else "-"}
+        for e in encoders])
+
+
 def write_outputs(cfg: CompareConfig, out: Path, ev: Evidence, orderings: list[dict], untestable: list[dict],
                   proxies: Mapping[str, dict], meta: dict) -> dict[str, str]:
     """compare.json, compare.md, forest.png, proxies.png; returns {kind: path}."""
-    rows = variant_rows(cfg, ev)
+    rows, encoders = variant_rows(cfg, ev), encoder_rows(cfg, ev)
     files = {"forest_png": str(plot_forest(orderings, out / "forest.png")),
              "proxies_png": str(plot_proxies(rows, proxies, out / "proxies.png"))}
-    atomic_write_text(out / "compare.md", _markdown(cfg, rows, orderings, untestable, proxies, meta))
+    atomic_write_text(out / "compare.md", _markdown(cfg, rows, encoders, orderings, untestable, proxies, meta))
     files["markdown"] = str(out / "compare.md")
-    payload = {"seeds": list(cfg.seeds), "variants": rows, "orderings": clean(orderings), "untestable": untestable,
+    payload = {"seeds": list(cfg.seeds), "variants": rows, "encoders": clean(encoders), "orderings": clean(orderings),
+               "untestable": untestable,
                "proxies": clean(proxies), "meta": meta, "files": files}
     # not atomic_write_json: that sorts keys, and a claim's roles read best in the paper's order (better first)
     atomic_write_text(out / "compare.json", json.dumps(payload, indent=1) + "\n")

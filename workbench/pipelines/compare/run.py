@@ -65,17 +65,26 @@ class _Progress:
         self.bar.update(1)
 
 
-def _prepare_data(cfg: CompareConfig, out: Path, progress: bool) -> tuple[Path, Path]:
-    data_dir = out / "data"
+def _synth(cfg: CompareConfig, data_dir: Path, n: int, seed: int, splits, progress: bool) -> None:
     try:
-        synth_scenes(data_dir, cfg.data["n"], seed=cfg.data["seed"], image_size=cfg.data["image_size"],
-                     splits=cfg.data["splits"], progress=progress, log=None, text_size=cfg.data.get("text_size"),
-                     words=cfg.data.get("words"))
+        synth_scenes(data_dir, n, seed=seed, image_size=cfg.data["image_size"], splits=splits, progress=progress,
+                     log=None, text_size=cfg.data.get("text_size"), words=cfg.data.get("words"))
     except SynthError as exc:
         raise ConfigError(f"data: {exc} (the data in {data_dir} was made with other settings; use a new --out)") from None
+
+
+def _prepare_data(cfg: CompareConfig, out: Path, progress: bool) -> tuple[Path, Path, Path]:
+    """(scenes of the comparison, scenes the encoders pretrain on, views for the correspondence score)."""
+    data_dir = out / "data"
+    _synth(cfg, data_dir, cfg.data["n"], cfg.data["seed"], cfg.data["splits"], progress)
+    encoder_dir = data_dir
+    corpus = cfg.data.get("encoder_scenes")
+    if corpus is not None:  # every scene trains: the encoders are never evaluated on this corpus
+        encoder_dir = out / "encoder-data"
+        _synth(cfg, encoder_dir, corpus["n"], corpus["seed"], [1.0], progress)
     m = cfg.measures
     vdir = make_views(data_dir, views_dir(out), m["split"], tuple(m["crop"]), m["flip"], cfg.data["seed"])
-    return data_dir, vdir
+    return data_dir, encoder_dir, vdir
 
 
 def _train_all(ctx: Context, bar: _Progress) -> dict[str, list[dict]]:
@@ -102,7 +111,7 @@ def _measure_all(ctx: Context, bar: _Progress) -> dict[str, list[dict]]:
 def run_compare(config: CompareConfig | str | Path | Mapping[str, Any], out: str | Path, *,
                 only: Sequence[str] | None = None, force: bool = False, progress: bool = True,
                 device: str | None = None, log: Callable[[str], None] | None = print) -> dict:
-    """Run (or finish) a comparison into OUT; returns {"seeds", "orderings", "untestable", "proxies", "variants",
+    """Run (or finish) a comparison into OUT; returns {"seeds", "orderings", "untestable", "proxies", "variants", "encoders",
     "files", "meta"}. `only` restricts the run to some variants (claims whose roles are missing are listed as
     untestable); `force` redoes directories made with other settings instead of refusing them."""
     cfg = _restrict(config if isinstance(config, CompareConfig) else load_config(config), only)
@@ -121,8 +130,8 @@ def run_compare(config: CompareConfig | str | Path | Mapping[str, Any], out: str
     t_start = time.time()
     bar = _Progress(len(cfg.variants) * len(cfg.seeds), progress, say)
     try:
-        data_dir, vdir = _prepare_data(cfg, out, progress)
-        ctx = Context(cfg, out, data_dir, vdir, force, progress, say, bar.stage, device)
+        data_dir, encoder_dir, vdir = _prepare_data(cfg, out, progress)
+        ctx = Context(cfg, out, data_dir, vdir, force, progress, say, bar.stage, device, encoder_data_dir=encoder_dir)
         records = _train_all(ctx, bar)
         measures = _measure_all(ctx, bar)
         ev = Evidence(cfg, records, measures)

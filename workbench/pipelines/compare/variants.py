@@ -37,7 +37,7 @@ from model.training.checkpoints import FINAL_DIR, stage_finished
 from model.training.config import TrainConfig
 from model.training.cycle_contrast import train_cycle_contrast
 from model.training.encoder_objectives import train_clip_style, train_supervised
-from model.training.evaluate import evaluate_vqa
+from model.training.evaluate import evaluate_florence2, evaluate_vqa
 from model.training.florence2 import train_florence2
 from model.training.vlm import FeatureBank, train_stage
 from workbench.capturing import capture_dataset
@@ -63,6 +63,8 @@ class Context:
     log: Callable[[str], None]
     stage: Callable[[str, int | None, str], None]
     device: str | None = None
+    # the scenes the encoders pretrain on (their train split): `data_dir` unless the config names a corpus of its own
+    encoder_data_dir: Path | None = None
     # image features of a frozen trained encoder do not depend on the seed: computed by the first seed, reused
     banks: dict = field(default_factory=dict)
 
@@ -148,14 +150,20 @@ def _train_florence2_encoder(ctx: Context, enc_dir: Path) -> dict:
     cfg = ctx.cfg
     budget = dict(cfg.encoders["florence2"])
     tasks = tuple(budget.pop("tasks"))
-    objective = {k: budget.pop(k) for k in ("split_tasks", "tag_weight") if k in budget}
+    objective = {k: budget.pop(k) for k in ("split_tasks", "tag_weight", "loss_per") if k in budget}
     model, processor = build_model(cfg.preset, image_size=cfg.data["image_size"], seed=cfg.seed, device=ctx.device)
     tc = TrainConfig(out_dir=str(enc_dir / "run"), stage="florence2", seed=cfg.seed, save_every=0, resume=True,
                      progress=ctx.progress, **budget)
-    _, history = train_florence2(model, processor, ctx.data_dir, tc, tasks=tasks, **objective)
+    corpus = ctx.encoder_data_dir or ctx.data_dir
+    florence2, history = train_florence2(model, processor, corpus, tc, tasks=tasks, **objective)
     state = {k: t.detach().cpu().contiguous().clone() for k, t in model.vision_tower.state_dict().items()}
     save_file(state, str(enc_dir / "extractor.safetensors"))
-    return _loss_summary([h["loss"] for h in history])
+    # How well the pretrained tower itself reads and describes the comparison's held-out scenes: when a VLM
+    # cannot answer reading questions, this says whether the tower or the VLM is what fails.
+    own = evaluate_florence2(florence2, processor, ctx.data_dir, cfg.eval["split"], limit=None)
+    keys = ("ocr_exact_match_with_text", "caption_token_f1", "region_recall_iou50")
+    return {**_loss_summary([h["loss"] for h in history]), "scenes": len(load_scenes(corpus, split="train")),
+            "tower_eval": {"split": own["split"], "images": own["n_images"], **{k: own[k] for k in keys}}}
 
 
 def _train_other_encoder(ctx: Context, v: Variant, enc_dir: Path) -> dict:
@@ -164,6 +172,7 @@ def _train_other_encoder(ctx: Context, v: Variant, enc_dir: Path) -> dict:
     budget = dict(cfg.encoders[v.training])
     encoder = build_encoder(v.encoder, encoder_config_for(cfg, v, cfg.seed))
     size = int(cfg.data["image_size"])
+    scenes = None  # the cycle objective trains on its own synthetic videos
     if v.training == "cycle":
         videos = make_videos(budget.pop("num_classes"), budget.pop("videos_per_class"), budget.pop("frames"), size,
                              seed=cfg.seed)
@@ -171,8 +180,10 @@ def _train_other_encoder(ctx: Context, v: Variant, enc_dir: Path) -> dict:
                                    batch_size=min(budget.pop("batch_size"), len(videos)), seed=cfg.seed,
                                    progress=ctx.progress, **budget)
     else:
-        rows = load_scenes(ctx.data_dir, split="train")
-        pixels = preprocess_images([str(ctx.data_dir / r["image"]) for r in rows], size)
+        corpus = ctx.encoder_data_dir or ctx.data_dir
+        rows = load_scenes(corpus, split="train")
+        scenes = len(rows)
+        pixels = preprocess_images([str(corpus / r["image"]) for r in rows], size)
         if v.training == "clip":
             run = train_clip_style(encoder, pixels, [r["detailed_caption"] for r in rows], steps=budget.pop("steps"),
                                    seed=cfg.seed, progress=ctx.progress, **budget)
@@ -185,7 +196,7 @@ def _train_other_encoder(ctx: Context, v: Variant, enc_dir: Path) -> dict:
                                    progress=ctx.progress, **budget)
     state = {k: t.detach().cpu().contiguous().clone() for k, t in encoder.state_dict().items()}
     save_file(state, str(enc_dir / "encoder.safetensors"))
-    return _loss_summary(run["history"]["loss"])
+    return {**_loss_summary(run["history"]["loss"]), "scenes": scenes}
 
 
 def trained_encoder(ctx: Context, v: Variant) -> tuple[Path | None, dict]:
