@@ -362,12 +362,16 @@ def test_app_compare_view_shows_the_verdicts(quick_run):
               f"_render_verdicts(json.loads(open({str(out / 'compare.json')!r}).read()))\n")
     at = AppTest.from_string(script, default_timeout=120).run()
     assert not at.exception
-    assert [s.value for s in at.subheader] == ["The paper's claims", "Cheap measures against VQA accuracy", "Variants"]
+    assert [s.value for s in at.subheader] == ["The paper's claims", "Cheap measures against VQA accuracy", "Variants",
+                                               "Pretrained encoders"]
     claims = at.dataframe[0].value
     assert list(claims["claim"]) == [o["claim"] for o in result["orderings"]]
     assert list(claims["verdict"]) == [o["verdict"] for o in result["orderings"]]
     assert list(at.dataframe[1].value["measure"]) == ["alignment", "probe", "correspondence"]
     assert len(at.get("vega_lite_chart")) == 1  # the forest plot
+    encoders = at.dataframe[3].value
+    assert list(encoders["objective"]) == [e["objective"] for e in result["encoders"]]
+    assert "ocr_exact_match_with_text" in encoders.columns
 
 
 def test_supervised_and_cycle_encoders_train_and_fit_their_variants(tmp_path):

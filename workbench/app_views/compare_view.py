@@ -77,6 +77,14 @@ def _render_verdicts(data: dict) -> None:
     st.dataframe(pd.DataFrame([{"variant": r["variant"], "encoder": r["encoder"], "training": r["training"],
                                 "fusion": r["fusion"], "prompts": r["prompts"], **{c: _ci(r.get(c)) for c in cols}}
                                for r in data.get("variants") or []]), hide_index=True, width="stretch")
+    if data.get("encoders"):  # results written before encoder rows existed have none
+        st.subheader("Pretrained encoders")
+        st.caption("The Florence-2 tower's own scores on the held-out split say whether reading fails in the "
+                   "tower or in the VLM.")
+        st.dataframe(pd.DataFrame([{k: e.get(k) for k in ("encoder", "objective", "steps", "scenes", "minutes")}
+                                   | {k: (e.get("tower_eval") or {}).get(k) for k in (
+                                      "ocr_exact_match_with_text", "caption_token_f1", "region_recall_iou50")}
+                                   for e in data["encoders"]]), hide_index=True, width="stretch")
 
 
 def _render_tables(data, path, cfg: AppConfig) -> None:
