@@ -35,8 +35,8 @@ def register(sub) -> None:
                    help="scenes: font size of the words as fractions of the image side (default 0.07,0.11); "
                         "small images read better with larger words, e.g. 0.13,0.19 at 192 px")
     s.add_argument("--words", default=None, metavar="W1,W2,...",
-                   help="scenes: the reading vocabulary (default: 64 short words); fewer words make reading "
-                        "learnable from a few hundred images, e.g. cat,dog,car,fish,book,hat,key,ship,tree,cup")
+                   help="scenes: the reading vocabulary (default: 64 short words); a few words of distinct length "
+                        "and outline make reading learnable for a tiny tower, e.g. ox,sun,jet,milk,zebra")
     s.add_argument("--workers", type=int, default=None,
                    help="processes drawing/encoding PNGs (default: one per CPU, up to 8); output is identical for any value")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

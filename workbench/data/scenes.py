@@ -240,8 +240,9 @@ def check_words(words) -> tuple[str, ...]:
     """The reading vocabulary as a tuple of distinct lower-case words; ValueError naming the fix otherwise.
 
     Why a vocabulary can be chosen: with the default 64 words a few hundred training scenes show each word a
-    handful of times, too few for a small VLM to learn to read (docs/compare.md); a benchmark that must show
-    reading uses fewer words."""
+    handful of times, too few for a small VLM to learn to read; a benchmark that must show reading uses a few
+    words that differ in length and outline (words that share most letters, such as cat / car / hat, stay
+    unread by a tiny tower at 128 px: docs/compare.md)."""
     if isinstance(words, str) or not isinstance(words, (list, tuple)):
         raise ValueError(f"words {words!r}: give a list of words, e.g. ['cat', 'dog', 'car']")
     out = tuple(words)
