@@ -214,8 +214,7 @@ def write_outputs(cfg: CompareConfig, out: Path, ev: Evidence, orderings: list[d
     atomic_write_text(out / "compare.md", _markdown(cfg, rows, encoders, orderings, untestable, proxies, meta))
     files["markdown"] = str(out / "compare.md")
     payload = {"seeds": list(cfg.seeds), "variants": rows, "encoders": clean(encoders), "orderings": clean(orderings),
-               "untestable": untestable,
-               "proxies": clean(proxies), "meta": meta, "files": files}
+               "untestable": untestable, "proxies": clean(proxies), "meta": meta, "files": files}
     # not atomic_write_json: that sorts keys, and a claim's roles read best in the paper's order (better first)
     atomic_write_text(out / "compare.json", json.dumps(payload, indent=1) + "\n")
     files["json"] = str(out / "compare.json")

@@ -111,8 +111,8 @@ def _measure_all(ctx: Context, bar: _Progress) -> dict[str, list[dict]]:
 def run_compare(config: CompareConfig | str | Path | Mapping[str, Any], out: str | Path, *,
                 only: Sequence[str] | None = None, force: bool = False, progress: bool = True,
                 device: str | None = None, log: Callable[[str], None] | None = print) -> dict:
-    """Run (or finish) a comparison into OUT; returns {"seeds", "orderings", "untestable", "proxies", "variants", "encoders",
-    "files", "meta"}. `only` restricts the run to some variants (claims whose roles are missing are listed as
+    """Run (or finish) a comparison into OUT; returns {"seeds", "orderings", "untestable", "proxies", "variants",
+    "encoders", "files", "meta"}. `only` restricts the run to some variants (claims whose roles are missing are listed as
     untestable); `force` redoes directories made with other settings instead of refusing them."""
     cfg = _restrict(config if isinstance(config, CompareConfig) else load_config(config), only)
     check_encoder_configs(cfg)
