@@ -11,6 +11,7 @@ import streamlit as st
 from workbench.app_views import cache
 from workbench.app_views.context import AppConfig
 from workbench.pipelines import compute
+from workbench.pipelines.compare import encoder_table_rows
 
 VERDICT_COLOURS = {"reproduced": "#2ca02c", "reversed": "#d62728", "unresolved": "#7f7f7f"}
 
@@ -81,10 +82,7 @@ def _render_verdicts(data: dict) -> None:
         st.subheader("Pretrained encoders")
         st.caption("The Florence-2 tower's own scores on the held-out split say whether reading fails in the "
                    "tower or in the VLM.")
-        st.dataframe(pd.DataFrame([{k: e.get(k) for k in ("encoder", "objective", "steps", "scenes", "minutes")}
-                                   | {k: (e.get("tower_eval") or {}).get(k) for k in (
-                                      "ocr_exact_match_with_text", "caption_token_f1", "region_recall_iou50")}
-                                   for e in data["encoders"]]), hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame(encoder_table_rows(data["encoders"])), hide_index=True, width="stretch")
 
 
 def _render_tables(data, path, cfg: AppConfig) -> None:

@@ -38,6 +38,7 @@ _LAZY = {
     "compute_orderings": "workbench.pipelines.compare.orderings",
     "Evidence": "workbench.pipelines.compare.orderings",
     "proxy_table": "workbench.pipelines.compare.proxies",
+    "encoder_table_rows": "workbench.pipelines.compare.outputs",
 }
 __all__ = ["CompareConfig", "ConfigError", "Variant", "configs_dir", "load_config", "shipped_config", *_LAZY]
 

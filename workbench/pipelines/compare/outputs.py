@@ -164,7 +164,7 @@ def _markdown(cfg: CompareConfig, rows: list[dict], encoders: list[dict], orderi
            + "):", "", markdown_table([{"variant": r["variant"], **{t: fmt_ci(r[f'vqa.{t}']['value'],
                                         r[f'vqa.{t}']['ci_low'], r[f'vqa.{t}']['ci_high']) for t in types}}
                                        for r in rows], ["variant", *types])]
-    md += ["## Pretrained encoders", "", _encoder_table(encoders),
+    md += ["## Pretrained encoders", "", markdown_table(encoder_table_rows(encoders), digits=4),
            "The Florence-2 tower's own scores (OCR exact match on images with text, caption token F1, region "
            f"recall at IoU 0.5) are on the `{cfg.eval['split']}` split: they say whether reading fails in the tower "
            "or in the VLM.", ""]
@@ -196,13 +196,13 @@ def encoder_rows(cfg: CompareConfig, ev: Evidence) -> list[dict]:
     return list(seen.values())
 
 
-def _encoder_table(encoders: list[dict]) -> str:
-    keys = ("ocr_exact_match_with_text", "caption_token_f1", "region_recall_iou50")
-    return markdown_table([{
-        "encoder": e["encoder"], "objective": e["objective"], "steps": e["steps"], "scenes": e["scenes"],
-        "loss": f"{e['first_loss']} -> {e['final_loss']}", "minutes": e["minutes"],
-        "OCR / caption F1 / regions": " / ".join(str(e["tower_eval"][k]) for k in keys) if e["tower_eval"] else "-"}
-        for e in encoders])
+def encoder_table_rows(encoders: list[dict]) -> list[dict]:
+    """The encoder rows of compare.json as flat table rows (compare.md, the app's Compare view, notebook 05)."""
+    own = ("ocr_exact_match_with_text", "caption_token_f1", "region_recall_iou50")
+    return [{"encoder": e.get("encoder"), "objective": e.get("objective"), "steps": e.get("steps"),
+             "scenes": e.get("scenes"), "loss": f"{e.get('first_loss')} -> {e.get('final_loss')}",
+             "minutes": e.get("minutes"), **{k: (e.get("tower_eval") or {}).get(k) for k in own}}
+            for e in encoders]
 
 
 def write_outputs(cfg: CompareConfig, out: Path, ev: Evidence, orderings: list[dict], untestable: list[dict],

@@ -68,6 +68,10 @@ class Context:
     # image features of a frozen trained encoder do not depend on the seed: computed by the first seed, reused
     banks: dict = field(default_factory=dict)
 
+    @property
+    def encoder_corpus(self) -> Path:
+        return self.encoder_data_dir or self.data_dir
+
 
 def read_json(path: Path) -> Any:
     try:
@@ -154,7 +158,7 @@ def _train_florence2_encoder(ctx: Context, enc_dir: Path) -> dict:
     model, processor = build_model(cfg.preset, image_size=cfg.data["image_size"], seed=cfg.seed, device=ctx.device)
     tc = TrainConfig(out_dir=str(enc_dir / "run"), stage="florence2", seed=cfg.seed, save_every=0, resume=True,
                      progress=ctx.progress, **budget)
-    corpus = ctx.encoder_data_dir or ctx.data_dir
+    corpus = ctx.encoder_corpus
     florence2, history = train_florence2(model, processor, corpus, tc, tasks=tasks, **objective)
     state = {k: t.detach().cpu().contiguous().clone() for k, t in model.vision_tower.state_dict().items()}
     save_file(state, str(enc_dir / "extractor.safetensors"))
@@ -180,7 +184,7 @@ def _train_other_encoder(ctx: Context, v: Variant, enc_dir: Path) -> dict:
                                    batch_size=min(budget.pop("batch_size"), len(videos)), seed=cfg.seed,
                                    progress=ctx.progress, **budget)
     else:
-        corpus = ctx.encoder_data_dir or ctx.data_dir
+        corpus = ctx.encoder_corpus
         rows = load_scenes(corpus, split="train")
         scenes = len(rows)
         pixels = preprocess_images([str(corpus / r["image"]) for r in rows], size)
